@@ -1,0 +1,36 @@
+"""hfjax: Hessian-free (truncated Gauss-Newton) optimization for JAX and Optax."""
+
+from hfjax.curvature import (
+  gauss_newton_diagonal_estimate,
+  gauss_newton_matvec,
+  hessian_matvec,
+  per_example_sum,
+  squared_gradient_sum,
+)
+from hfjax.preconditioners import (
+  LBFGSState,
+  diagonal_preconditioner,
+  lbfgs_apply,
+  lbfgs_init,
+  lbfgs_update,
+)
+from hfjax.solvers import CGResult, CGStopReason, cg, martens_record_steps
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "CGResult",
+  "CGStopReason",
+  "LBFGSState",
+  "cg",
+  "diagonal_preconditioner",
+  "gauss_newton_diagonal_estimate",
+  "gauss_newton_matvec",
+  "hessian_matvec",
+  "lbfgs_apply",
+  "lbfgs_init",
+  "lbfgs_update",
+  "martens_record_steps",
+  "per_example_sum",
+  "squared_gradient_sum",
+)
