@@ -7,6 +7,13 @@ from hfjax.curvature import (
   per_example_sum,
   squared_gradient_sum,
 )
+from hfjax.optimizer import (
+  DampingConfig,
+  HessianFreeInfo,
+  HessianFreeState,
+  LineSearchConfig,
+  hessian_free,
+)
 from hfjax.preconditioners import (
   LBFGSState,
   diagonal_preconditioner,
@@ -14,11 +21,32 @@ from hfjax.preconditioners import (
   lbfgs_init,
   lbfgs_update,
 )
+from hfjax.sampling import (
+  BatchSampler,
+  SampleSchedule,
+  SamplingState,
+  fixed_schedule,
+  geometric_schedule,
+  sample_sizes,
+  variance_test_schedule,
+)
 from hfjax.solvers import CGResult, CGStopReason, cg, martens_record_steps
 
 __version__ = "0.1.0"
 
 __all__ = (
+  "BatchSampler",
+  "DampingConfig",
+  "HessianFreeInfo",
+  "HessianFreeState",
+  "LineSearchConfig",
+  "SampleSchedule",
+  "SamplingState",
+  "fixed_schedule",
+  "geometric_schedule",
+  "hessian_free",
+  "sample_sizes",
+  "variance_test_schedule",
   "CGResult",
   "CGStopReason",
   "LBFGSState",

@@ -1,0 +1,1 @@
+"""Data sets, models and losses for the hfjax experiments (kept apart from the library)."""
