@@ -1,8 +1,8 @@
 """Data sets for the Hessian-free experiments, as NumPy arrays.
 
 Nothing here downloads anything: ``curves`` is generated from a seed, ``digits`` ships with
-scikit-learn, and ``mnist`` reads files the user already has (the one exception is
-``mnist("tfds")``, where tensorflow-datasets fetches into its own cache if asked to).
+scikit-learn, and ``mnist`` reads files the user already has. The one exception is
+``mnist("tfds")``, which lets tensorflow-datasets download MNIST into its own cache once.
 
 Inputs are float32 in :math:`[0, 1]`, one flattened example per row. Targets are int32 class
 labels, or the inputs themselves for autoencoders (``autoencoder=True``; ``curves`` has no
@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import zipfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ IMAGE_SIZE = 28
 
 # CURVES generation. Hinton & Salakhutdinov (2006) give the recipe only in words (three random
 # points, a smooth curve through them, drawn with a pen of random width); these ranges were
-# chosen so that the strokes have a saturated core and soft edges like their figures.
+# chosen by eye, for strokes with a saturated core and soft anti-aliased edges.
 _CONTROL_RANGE = (2.0, IMAGE_SIZE - 3.0)
 _CURVE_BOUNDS = (1.0, IMAGE_SIZE - 2.0)
 _MIN_CURVE_LENGTH = 10.0
@@ -195,7 +196,7 @@ def curves(num_train: int = 20000, num_test: int = 10000, seed: int = 0) -> Data
   kind of data, not the same pixels: errors are comparable in scale, not digit for digit.
 
   Train and test sets come from independent streams of ``seed``, so the training set does not
-  change with ``num_test``. 30000 images take about two seconds.
+  change with ``num_test``. The default 30000 images take a few seconds.
 
   Args:
     num_train: Number of training images (the paper's 20000 by default).
@@ -282,6 +283,10 @@ def _find_idx(directory: pathlib.Path, stem: str) -> pathlib.Path:
 
 
 def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  # An .npz is a zip archive; checking first turns NumPy's errors about pickles or .npy files
+  # into one that says what mnist() wanted.
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{str(path)!r} is not an .npz file. {_MNIST_FORMS}")
   with np.load(path) as npz:
     missing = [key for key in _MNIST_FILES if key not in npz.files]
     if missing:
