@@ -1,5 +1,6 @@
 """hfjax: Hessian-free (truncated Gauss-Newton) optimization for JAX and Optax."""
 
+from hfjax import sharding
 from hfjax.curvature import (
   gauss_newton_diagonal_estimate,
   gauss_newton_matvec,
@@ -60,5 +61,6 @@ __all__ = (
   "lbfgs_update",
   "martens_record_steps",
   "per_example_sum",
+  "sharding",
   "squared_gradient_sum",
 )

@@ -222,10 +222,12 @@ def per_example_sum(
   def to_chunks(leaf):
     if pad:
       leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], pad, axis=0)])
-    return leaf.reshape((num_chunks, chunk) + leaf.shape[1:])
+    # Strided chunks (example i goes to chunk i % num_chunks): with a batch sharded over
+    # devices, every chunk then draws from every device and nothing is gathered.
+    return leaf.reshape((chunk, num_chunks) + leaf.shape[1:]).swapaxes(0, 1)
 
   chunks = jax.tree.map(to_chunks, batch)
-  weights = (jnp.arange(num_chunks * chunk) < n).reshape(num_chunks, chunk)
+  weights = (jnp.arange(num_chunks * chunk) < n).reshape(chunk, num_chunks).T
   example = jax.tree.map(lambda leaf: leaf[0], batch)
   out_shape = jax.eval_shape(per_example_fn, params, example)
 

@@ -357,13 +357,14 @@ def hessian_free(
       moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
       return jnp.asarray(loss_fn(apply_fn(moved, inputs), targets), jnp.float32)
 
+    # Linearising first also checks, with a clear error, that the model outputs fit the
+    # targets and that loss_fn returns a scalar, before anything else touches the loss.
+    gn_matvec, _ = curvature.gauss_newton_matvec(apply_fn, loss_fn, params, curvature_batch)
     zero_step = optax.tree.zeros_like(grads)
     f0 = batch_loss(zero_step, batch) if loss is None else jnp.asarray(loss, jnp.float32)
     inputs_ok = _all_finite(grads) & jnp.isfinite(f0)
     grads = optax.tree.where(inputs_ok, grads, zero_step)
     lam = state.damping
-
-    gn_matvec, _ = curvature.gauss_newton_matvec(apply_fn, loss_fn, params, curvature_batch)
 
     def damped_matvec(v):
       gv = as_accumulation(gn_matvec(optax.tree.cast_like(v, params)))

@@ -270,6 +270,33 @@ class BatchSampler:
       taken.append(chunk)
     return np.concatenate(taken)
 
+  def state_dict(self) -> dict[str, Any]:
+    """The sampler's position as a JSON-serialisable dict (for checkpoints).
+
+    It holds the shuffling generator's state, the current epoch's order, the position in it
+    and the epoch, so that :meth:`load_state_dict` continues with exactly the same batches.
+    """
+    return {
+      "num_examples": int(self.num_examples),
+      "bit_generator": _jsonable(self._rng.bit_generator.state),
+      "order": self._order.tolist(),
+      "position": int(self._position),
+      "epoch": int(self.epoch),
+    }
+
+  def load_state_dict(self, state: dict[str, Any]) -> BatchSampler:
+    """Moves this sampler (built on the same data) to a position from :meth:`state_dict`."""
+    if state["num_examples"] != self.num_examples:
+      raise ValueError(
+        f"the saved sampler drew from {state['num_examples']} examples, this one has "
+        f"{self.num_examples}; restore it on the same data."
+      )
+    self._rng.bit_generator.state = state["bit_generator"]
+    self._order = np.asarray(state["order"], dtype=self._order.dtype)
+    self._position = int(state["position"])
+    self.epoch = int(state["epoch"])
+    return self
+
   def sample(self, size: int) -> Any:
     """The next ``size`` examples of the current epoch (crossing into the next if needed)."""
     idx = self._indices(int(size))
@@ -282,3 +309,11 @@ class BatchSampler:
     if curvature_size <= gradient_size:
       return batch, jax.tree.map(lambda a: a[:curvature_size], batch)
     return batch, self.sample(curvature_size)
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (np.ndarray, np.generic)):
+    return value.tolist()
+  return value
