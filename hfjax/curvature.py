@@ -73,6 +73,17 @@ def check_params(params: Any) -> None:
       )
 
 
+def check_problem(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, batch: Any) -> None:
+  """Checks params, the batch, and that ``loss_fn`` gives a scalar on the model's outputs.
+
+  Runs on shapes only (``jax.eval_shape``), so it costs nothing at run time.
+  """
+  check_params(params)
+  batch_size(batch)
+  inputs, targets = split_batch(batch)
+  _loss_of_outputs(loss_fn, jax.eval_shape(apply_fn, params, inputs), targets)
+
+
 def _loss_of_outputs(loss_fn: LossFn, outputs: Any, targets: Any) -> Callable[[Any], jax.Array]:
   """``loss_fn`` as a function of the outputs, checked to give a scalar at trace time."""
   try:
@@ -277,7 +288,7 @@ def squared_gradient_sum(
   Returns:
     ``(sum_g, sum_g2)``, two pytrees like ``params``.
   """
-  check_params(params)
+  check_problem(apply_fn, loss_fn, params, batch)
   grad_one = jax.grad(_example_loss(apply_fn, loss_fn))
 
   def stats(p, example):
@@ -324,7 +335,7 @@ def gauss_newton_diagonal_estimate(
     Workshop on Deep Learning 2011. Bekas, Kokiopoulou & Saad, "An estimator for the
     diagonal of a matrix", 2007.
   """
-  check_params(params)
+  check_problem(apply_fn, loss_fn, params, batch)
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   n = batch_size(batch)

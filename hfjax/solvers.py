@@ -298,7 +298,7 @@ def cg(
     values = c.values.at[step].set(value)
     gap = jnp.maximum(10, jnp.ceil(0.1 * step).astype(jnp.int32))
     previous = values[jnp.maximum(step - gap, 0)]
-    stalled = (step > gap) & (value < 0) & ((value - previous) / value < gap * tol)
+    stalled = (tol > 0) & (step > gap) & (value < 0) & ((value - previous) / value < gap * tol)
 
     stop = jnp.select(
       [

@@ -1,0 +1,252 @@
+"""L-BFGS and diagonal preconditioners against dense NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import hfjax
+
+update = jax.jit(hfjax.lbfgs_update)
+
+
+@jax.jit
+def materialise(state, eye):
+  """The matrix H of ``lbfgs_apply`` (row i is H e_i; H is symmetric)."""
+  return jax.vmap(lambda e: hfjax.lbfgs_apply(state, e))(eye)
+
+
+def dense_bfgs_inverse(pairs, n, memory, initial_diagonal=None):
+  """H from the BFGS inverse recursion (Nocedal & Wright eq. 7.19) on the newest ``memory``
+  acceptable pairs, oldest first, from H0 = diag(initial_diagonal) or gamma I."""
+  pairs = [
+    (s, y) for s, y in pairs if np.all(np.isfinite(s)) and np.all(np.isfinite(y)) and s @ y > 0
+  ][-memory:]
+  if initial_diagonal is not None:
+    h = np.diag(initial_diagonal)
+  elif pairs:
+    s, y = pairs[-1]
+    h = (s @ y) / (y @ y) * np.eye(n)
+  else:
+    h = np.eye(n)
+  for s, y in pairs:
+    rho = 1.0 / (s @ y)
+    v = np.eye(n) - rho * np.outer(y, s)
+    h = v.T @ h @ v + rho * np.outer(s, s)
+  return h
+
+
+def random_spd(n, rng):
+  q = rng.standard_normal((n, n))
+  return q @ q.T / n + 0.5 * np.eye(n)
+
+
+def random_pairs(count, n, rng):
+  """Pairs with s^T y > 0: y = B s for a different SPD B each time."""
+  pairs = []
+  for _ in range(count):
+    s = rng.standard_normal(n)
+    pairs.append((s, random_spd(n, rng) @ s))
+  return pairs
+
+
+def bad_pairs(n, rng):
+  """Pairs that must be skipped: s^T y < 0, s^T y = 0, and non-finite values."""
+  s = rng.standard_normal(n)
+  nan_s, inf_y = s.copy(), s.copy()
+  nan_s[0] = np.nan
+  inf_y[-1] = np.inf
+  e0, e1 = np.eye(n)[0], np.eye(n)[1]
+  return [(s, -s), (s, np.zeros(n)), (e0, e1), (nan_s, s), (s, inf_y), (np.zeros(n), s)]
+
+
+def fill(state, pairs):
+  for s, y in pairs:
+    state = update(state, jnp.asarray(s), jnp.asarray(y))
+  return state
+
+
+def assert_states_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+# --- L-BFGS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_pairs", [0, 1, 3, 4, 6, 11])
+def test_apply_matches_dense_bfgs_recursion(x64, num_pairs):
+  # Memory 4: 6 and 11 pairs wrap the ring buffer (only the newest 4 count, oldest first).
+  n, memory = 6, 4
+  rng = np.random.default_rng(num_pairs)
+  pairs = random_pairs(num_pairs, n, rng)
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), memory), pairs)
+  assert int(state.num_pairs) == min(num_pairs, memory)
+  assert int(state.next_index) == num_pairs % memory
+  want = dense_bfgs_inverse(pairs, n, memory)
+  np.testing.assert_allclose(materialise(state, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
+  if num_pairs == 0:
+    np.testing.assert_array_equal(want, np.eye(n))
+
+
+def test_bad_pairs_among_good_ones_are_ignored(x64):
+  n, memory = 6, 4
+  rng = np.random.default_rng(20)
+  good = random_pairs(5, n, rng)
+  bad = bad_pairs(n, rng)
+  mixed = [good[0], bad[0], bad[1], good[1], good[2], bad[2], bad[3], good[3], bad[4], good[4]]
+  mixed += [bad[5]]
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), memory), mixed)
+  assert int(state.num_pairs) == memory
+  want = dense_bfgs_inverse(good, n, memory)
+  np.testing.assert_allclose(materialise(state, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_good", [0, 2])
+def test_skipped_pairs_leave_the_state_unchanged(x64, num_good):
+  n = 6
+  rng = np.random.default_rng(21)
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), 4), random_pairs(num_good, n, rng))
+  for s, y in bad_pairs(n, rng):
+    assert_states_equal(update(state, jnp.asarray(s), jnp.asarray(y)), state)
+
+
+@pytest.mark.parametrize("num_pairs", [0, 2, 7])
+def test_initial_diagonal_replaces_gamma_identity(x64, num_pairs):
+  n, memory = 6, 4
+  rng = np.random.default_rng(30 + num_pairs)
+  diagonal = rng.uniform(0.2, 3.0, n)
+  pairs = random_pairs(num_pairs, n, rng)
+  state = hfjax.lbfgs_init(jnp.zeros(n), memory, initial_diagonal=jnp.asarray(diagonal))
+  state = fill(state, pairs)
+  want = dense_bfgs_inverse(pairs, n, memory, initial_diagonal=diagonal)
+  np.testing.assert_allclose(materialise(state, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
+
+
+def test_pytree_vectors_match_flat_reference(x64):
+  params = {"a": jnp.zeros(3), "b": (jnp.zeros((2, 2)), jnp.zeros(()))}
+  flat, unravel = ravel_pytree(params)
+  n, memory = flat.size, 3
+  rng = np.random.default_rng(40)
+  pairs = random_pairs(5, n, rng)
+  state = hfjax.lbfgs_init(params, memory)
+  assert jax.tree.map(jnp.shape, state.s_memory) == jax.tree.map(
+    lambda x: (memory,) + x.shape, params
+  )
+  for s, y in pairs:
+    state = update(state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)))
+  want = dense_bfgs_inverse(pairs, n, memory)
+  v = rng.standard_normal(n)
+  got = hfjax.lbfgs_apply(state, unravel(jnp.asarray(v)))
+  assert jax.tree.structure(got) == jax.tree.structure(params)
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(ravel_pytree(got)[0], want @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_inverse_is_symmetric_positive_definite_and_satisfies_the_secant_condition(x64):
+  n, memory = 6, 4
+  rng = np.random.default_rng(50)
+  pairs = random_pairs(7, n, rng)
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), memory), pairs)
+  h = np.asarray(materialise(state, jnp.eye(n)))
+  np.testing.assert_allclose(h, h.T, rtol=1e-10, atol=1e-12)
+  assert np.linalg.eigvalsh(h).min() > 0
+  s, y = pairs[-1]
+  np.testing.assert_allclose(hfjax.lbfgs_apply(state, jnp.asarray(y)), s, rtol=1e-10)
+
+
+def test_conjugate_pairs_of_a_quadratic_give_its_exact_inverse(x64):
+  # BFGS with exact line searches on a quadratic terminates: n pairs s_i = alpha_i p_i,
+  # y_i = A s_i from CG reproduce A^{-1}.
+  n = 5
+  rng = np.random.default_rng(60)
+  a = random_spd(n, rng)
+  b = rng.standard_normal(n)
+  x, r = np.zeros(n), b.copy()
+  p, pairs = r.copy(), []
+  for _ in range(n):
+    ap = a @ p
+    alpha = (r @ r) / (p @ ap)
+    pairs.append((alpha * p, alpha * ap))
+    x, r_new = x + alpha * p, r - alpha * ap
+    p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), n), pairs)
+  np.testing.assert_allclose(materialise(state, jnp.eye(n)), np.linalg.inv(a), rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+  ("dtype", "memory_dtype"),
+  [
+    ("float16", "float32"),
+    ("bfloat16", "float32"),
+    ("float32", "float32"),
+    ("float64", "float64"),
+  ],
+)
+def test_state_dtypes_are_stable_under_jit(dtype, memory_dtype):
+  rng = np.random.default_rng(70)
+  with jax.enable_x64(dtype == "float64"):
+    params = {"w": jnp.zeros((3, 2), dtype), "b": jnp.zeros(2, dtype)}
+    state = hfjax.lbfgs_init(params, 3)
+    for leaf in jax.tree.leaves((state.s_memory, state.y_memory, state.sy_memory)):
+      assert leaf.dtype == jnp.dtype(memory_dtype)
+    assert state.next_index.dtype == jnp.int32 and state.num_pairs.dtype == jnp.int32
+    dtypes = lambda tree: jax.tree.map(lambda x: (x.dtype, x.shape), tree)
+    pairs = random_pairs(4, 8, rng)
+    for s, y in pairs:
+      unravel = ravel_pytree(params)[1]
+      new = update(state, unravel(jnp.asarray(s, dtype)), unravel(jnp.asarray(y, dtype)))
+      assert dtypes(new) == dtypes(state)
+      state = new
+    assert int(state.num_pairs) == 3
+    v = unravel(jnp.asarray(rng.standard_normal(8), dtype))
+    got = jax.jit(hfjax.lbfgs_apply)(state, v)
+    assert dtypes(got) == dtypes(v)
+    # Half-precision vectors are only rounded on the way in and out.
+    rounded = [
+      (np.asarray(jnp.asarray(s, dtype), float), np.asarray(jnp.asarray(y, dtype), float))
+      for s, y in pairs
+    ]
+    want = dense_bfgs_inverse(rounded, 8, 3) @ np.asarray(ravel_pytree(v)[0], float)
+    tol = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(
+      np.asarray(ravel_pytree(got)[0], float), want, rtol=tol, atol=tol * np.abs(want).max()
+    )
+
+
+@pytest.mark.parametrize("memory_size", [0, -1, 2.5])
+def test_memory_size_must_be_a_positive_integer(memory_size):
+  with pytest.raises(ValueError, match="memory_size"):
+    hfjax.lbfgs_init(jnp.zeros(3), memory_size)
+
+
+# --- Diagonal preconditioner ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exponent", [0.75, 0.5])
+def test_diagonal_preconditioner_closed_form(x64, exponent):
+  rng = np.random.default_rng(80)
+  diagonal = {"w": rng.standard_normal((3, 2)), "b": (rng.standard_normal(4),)}
+  r = jax.tree.map(lambda d: rng.standard_normal(d.shape), diagonal)
+  damping = 0.3
+  kwargs = {} if exponent == 0.75 else {"exponent": exponent}
+  apply = hfjax.diagonal_preconditioner(jax.tree.map(jnp.asarray, diagonal), damping, **kwargs)
+  got = jax.jit(apply)(jax.tree.map(jnp.asarray, r))
+  want = jax.tree.map(lambda d, r: r / (np.maximum(d, 0.0) + damping) ** exponent, diagonal, r)
+  assert jax.tree.structure(got) == jax.tree.structure(r)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-12)
+  # Negative estimates are clipped: such an entry is scaled by damping ** -exponent.
+  assert (diagonal["w"] < 0).any()
+
+
+def test_diagonal_preconditioner_keeps_the_dtype_of_r():
+  diagonal = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+  r = jnp.asarray([1.0, 2.0, -3.0], jnp.bfloat16)
+  got = hfjax.diagonal_preconditioner(diagonal, 0.1)(r)
+  assert got.dtype == jnp.bfloat16
+  want = np.array([1.0, 2.0, -3.0]) / (np.array([0.5, 0.0, 2.0]) + 0.1) ** 0.75
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2)
