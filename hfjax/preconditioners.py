@@ -37,6 +37,9 @@ class LBFGSState(NamedTuple):
     s_memory: steps :math:`s_j`, a pytree like the parameters with leaves ``(m, ...)``.
     y_memory: curvature images :math:`y_j = A s_j`, same layout.
     sy_memory: :math:`s_j^\\top y_j`, shape ``(m,)``; zero for an empty slot.
+    yy_memory: :math:`y_j^\\top y_j`, shape ``(m,)``, for :math:`\\gamma`. Keeping it saves
+      reading a slot that was just written, which would make XLA copy the whole memory
+      inside a CG loop.
     next_index: slot of the next pair, int32.
     num_pairs: pairs stored, at most ``m``, int32.
     initial_diagonal: optional :math:`H_0` diagonal (a pytree like the parameters) used in
@@ -46,6 +49,7 @@ class LBFGSState(NamedTuple):
   s_memory: Any
   y_memory: Any
   sy_memory: jax.Array
+  yy_memory: jax.Array
   next_index: jax.Array
   num_pairs: jax.Array
   initial_diagonal: Any = None
@@ -79,6 +83,7 @@ def lbfgs_init(
     s_memory=memory(),
     y_memory=memory(),
     sy_memory=jnp.zeros((memory_size,), scalar_dtype),
+    yy_memory=jnp.zeros((memory_size,), scalar_dtype),
     next_index=jnp.zeros((), jnp.int32),
     num_pairs=jnp.zeros((), jnp.int32),
     initial_diagonal=initial_diagonal,
@@ -117,7 +122,8 @@ def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
   slot = jax.tree.map(lambda x: x[0], state.s_memory)
   s, y = optax.tree.cast_like(s, slot), optax.tree.cast_like(y, slot)
   sy = optax.tree.vdot(s, y).astype(state.sy_memory.dtype)
-  accept = jnp.isfinite(sy) & (sy > 0) & _all_finite(s) & _all_finite(y)
+  yy = optax.tree.vdot(y, y).astype(state.sy_memory.dtype)
+  accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(yy) & _all_finite(s) & _all_finite(y)
   i = state.next_index
   m = memory_size(state)
 
@@ -128,6 +134,7 @@ def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
     s_memory=jax.tree.map(write, state.s_memory, s),
     y_memory=jax.tree.map(write, state.y_memory, y),
     sy_memory=write(state.sy_memory, sy),
+    yy_memory=write(state.yy_memory, yy),
     next_index=jnp.where(accept, (i + 1) % m, i).astype(jnp.int32),
     num_pairs=jnp.where(accept, jnp.minimum(state.num_pairs + 1, m), state.num_pairs).astype(
       jnp.int32
@@ -180,8 +187,7 @@ def lbfgs_apply(state: LBFGSState, v: Any) -> Any:
     r = jax.tree.map(jnp.multiply, state.initial_diagonal, q)
   else:
     newest = order[0]
-    y_new = take(state.y_memory, newest)
-    yy = optax.tree.vdot(y_new, y_new)
+    yy = state.yy_memory[newest]
     gamma = jnp.where(
       (state.num_pairs > 0) & (yy > 0), state.sy_memory[newest] / jnp.where(yy > 0, yy, 1.0), 1.0
     )

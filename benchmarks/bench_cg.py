@@ -1,0 +1,296 @@
+"""Cost and memory of :func:`hfjax.cg` on the damped Gauss-Newton system of the MNIST autoencoder.
+
+Run as ``python -m benchmarks.bench_cg``. The system is ``(G + lambda I) x = b`` with ``G`` the
+Gauss-Newton matrix of the autoencoder on a batch of random [0, 1] inputs and ``b`` minus the
+gradient on the same batch. Every timed function is jitted as ``(params, batch, b) -> ...``
+and linearises the model itself, once, so all of them pay the same one-off linearisation.
+
+* Part a: the cost of a CG step beyond its matvec. ``hfjax.cg`` runs exactly ``--steps``
+  steps (``tol=0``, ``residual_tol=0``) and is compared with a ``lax.fori_loop`` of as many
+  products with the same matrix; the difference, per step, is divided by the cost of one
+  product (the slope between loops of 1 and ``--steps`` products).
+* Part b: steps and time to a relative residual ``--residual-tol`` against
+  :func:`jax.scipy.sparse.linalg.cg` (same matrix, same cap). jax's CG reports no step
+  count, so a separate untimed run counts its matvec calls with a host callback.
+* Part c: peak memory of a solve from XLA's compiled memory analysis, in parameter vectors,
+  over L-BFGS memory sizes and iterate-recording budgets. The model's linearisation (the
+  residuals of ``jax.linearize``) is not the solver's: a function that only linearises and
+  applies one product is measured as the baseline and subtracted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import optax
+
+import hfjax
+from benchmarks import common
+
+
+def damped_matvec(params, batch, damping):
+  matvec = common.gn_matvec(params, batch)
+  return lambda u: optax.tree.add_scale(matvec(u), damping, u)
+
+
+def cg_solver(damping, *, memory=0, update=True, fixed_memory=False, **cg_kwargs):
+  """A jitted ``(params, batch, b[, memory]) -> (x, num_steps, stop_reason)``.
+
+  ``memory`` > 0 preconditions with an L-BFGS memory of that size: an empty one created in
+  the solve, or with ``fixed_memory`` the one passed as a fourth argument.
+  """
+
+  def solve(params, batch, b, state=None):
+    if memory and state is None:
+      state = hfjax.lbfgs_init(b, memory)
+    result = hfjax.cg(
+      damped_matvec(params, batch, damping),
+      b,
+      preconditioner=state if memory else None,
+      update_preconditioner=update,
+      **cg_kwargs,
+    )
+    return result.x, result.num_steps, result.stop_reason
+
+  return jax.jit(solve)
+
+
+def jax_cg_solver(damping, *, residual_tol, max_steps):
+  def solve(params, batch, b):
+    x, _ = jax.scipy.sparse.linalg.cg(
+      damped_matvec(params, batch, damping), b, tol=residual_tol, atol=0.0, maxiter=max_steps
+    )
+    return x
+
+  return jax.jit(solve)
+
+
+def jax_cg_steps(params, batch, b, damping, *, residual_tol, max_steps) -> int:
+  """Steps jax's CG takes: its matvec calls, counted on the host, minus the one for ``r0``."""
+  calls = []
+
+  def counted(params, batch, b):
+    matvec = damped_matvec(params, batch, damping)
+
+    def counting_matvec(u):
+      jax.debug.callback(lambda: calls.append(1))
+      return matvec(u)
+
+    x, _ = jax.scipy.sparse.linalg.cg(
+      counting_matvec, b, tol=residual_tol, atol=0.0, maxiter=max_steps
+    )
+    return x
+
+  jax.block_until_ready(jax.jit(counted)(params, batch, b))
+  jax.effects_barrier()
+  return len(calls) - 1
+
+
+def relative_residual(params, batch, b, x, damping) -> float:
+  r = optax.tree.sub(b, damped_matvec(params, batch, damping)(x))
+  return float(optax.tree.norm(r) / optax.tree.norm(b))
+
+
+def part_a(args, params, batch, b) -> None:
+  n, lam = args.steps, args.damping
+  print(f"\n## a. CG cost per step beyond the matvec: {n} steps, lambda={lam}")
+  loop_1, loop_n = common.matvec_loop(1, damping=lam), common.matvec_loop(n, damping=lam)
+  exact = dict(tol=0.0, residual_tol=0.0, max_steps=n)
+  solvers = {
+    "none": cg_solver(lam, **exact),
+    "lbfgs10_in_solve": cg_solver(lam, memory=10, **exact),
+    "lbfgs10_fixed": cg_solver(lam, memory=10, update=False, **exact),
+  }
+  # The fixed (Morales-Nocedal) policy applies a memory from an earlier solve: take the pairs
+  # of an in-solve run so the two-loop recursion works on real pairs.
+  pairs = jax.jit(
+    lambda p, bt, rhs: (
+      hfjax.cg(
+        damped_matvec(p, bt, lam), rhs, preconditioner=hfjax.lbfgs_init(rhs, 10), **exact
+      ).preconditioner_state
+    )
+  )(params, batch, b)
+  calls = {
+    name: functools.partial(solver, params, batch, b, *([pairs] if "fixed" in name else []))
+    for name, solver in solvers.items()
+  }
+  fns = {"loop_1": lambda: loop_1(params, batch, b), f"loop_{n}": lambda: loop_n(params, batch, b)}
+  fns |= {f"cg_{name}": call for name, call in calls.items()}
+  for name, call in calls.items():
+    _, steps, stop = call()
+    stop_name = hfjax.CGStopReason(int(stop)).name
+    print(f"# cg {name}: {int(steps)} steps, stop reason {stop_name}")
+    if int(steps) != n:
+      print(f"#   WARNING: {name} stopped after {int(steps)} < {n} steps; its overhead is off")
+  # Every solver has just run once (compiled); the loops compile here.
+  jax.block_until_ready((loop_1(params, batch, b), loop_n(params, batch, b)))
+  samples = common.time_interleaved(fns, args.repeats, warmup=0)
+  print("\n### raw times, ms: median [min, max]")
+  for name, times in samples.items():
+    print(f"{name:>24} {common.spread(times)}")
+
+  print("\n### per-step overhead / one matvec, formed within each round: median [min, max]")
+  slopes = [(samples[f"loop_{n}"][r] - samples["loop_1"][r]) / (n - 1) for r in range(args.repeats)]
+  print(f"{'matvec (slope), ms':>24} {1e3 * common.median(slopes):.1f}")
+  fastest = {name: min(times) for name, times in samples.items()}
+  fastest_slope = (fastest[f"loop_{n}"] - fastest["loop_1"]) / (n - 1)
+  for name in solvers:
+    ratios = [
+      (samples[f"cg_{name}"][r] - samples[f"loop_{n}"][r]) / (n * slopes[r])
+      for r in range(args.repeats)
+    ]
+    med = common.median(ratios)
+    from_fastest = (fastest[f"cg_{name}"] - fastest[f"loop_{n}"]) / (n * fastest_slope)
+    verdict = "met" if med <= 0.15 else "MISSED"
+    print(
+      f"{name:>24} {100 * med:6.1f}% [{100 * min(ratios):.1f}%, {100 * max(ratios):.1f}%]"
+      f"  fastest times: {100 * from_fastest:.1f}%  goal <= 15%: {verdict}"
+    )
+
+
+def part_b(args, params, batch, b) -> None:
+  lam, tol, cap = args.damping, args.residual_tol, args.max_steps
+  print(f"\n## b. against jax.scipy.sparse.linalg.cg: lambda={lam}, residual_tol={tol}, cap={cap}")
+  to_tol = dict(tol=0.0, residual_tol=tol, max_steps=cap)
+  hf = {
+    "hfjax none (flexible beta)": cg_solver(lam, **to_tol),
+    "hfjax none (standard beta)": cg_solver(lam, beta="standard", **to_tol),
+    "hfjax lbfgs10 in-solve": cg_solver(lam, memory=10, **to_tol),
+  }
+  jax_solve = jax_cg_solver(lam, residual_tol=tol, max_steps=cap)
+  steps, residuals = {}, {}
+  for name, solver in hf.items():
+    x, num_steps, _ = solver(params, batch, b)
+    steps[name] = int(num_steps)
+    residuals[name] = relative_residual(params, batch, b, x, lam)
+  jax_name = "jax.scipy cg"
+  steps[jax_name] = jax_cg_steps(params, batch, b, lam, residual_tol=tol, max_steps=cap)
+  residuals[jax_name] = relative_residual(params, batch, b, jax_solve(params, batch, b), lam)
+  # jax's CG spends one matvec on r0 = b - A x0 even for x0 = 0; hfjax skips it.
+  matvecs = dict(steps) | {jax_name: steps[jax_name] + 1}
+  fns = {name: functools.partial(solver, params, batch, b) for name, solver in hf.items()}
+  fns[jax_name] = functools.partial(jax_solve, params, batch, b)
+  loop_1 = common.matvec_loop(1, damping=lam)
+  baseline = "linearise + 1 matvec"
+  fns[baseline] = functools.partial(loop_1, params, batch, b)
+  # Every solver has run (and compiled) once above; only the baseline compiles here.
+  jax.block_until_ready(fns[baseline]())
+  samples = common.time_interleaved(fns, args.repeats_b, warmup=0)
+  rounds = range(args.repeats_b)
+  base = samples[baseline]
+
+  def per_step(name):
+    # Beyond the linearisation and first matvec, each remaining matvec comes with one step.
+    return [(samples[name][r] - base[r]) / max(matvecs[name] - 1, 1) for r in rounds]
+
+  print(
+    "\n| solver | steps | matvecs | true rel. residual | solve ms, median [min, max] "
+    "| solve / jax's | ms per step | per step / jax's |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
+  for name in [*hf, jax_name]:
+    total = common.median([samples[name][r] / samples[jax_name][r] for r in rounds])
+    step = per_step(name)
+    relative = common.median([a / j for a, j in zip(step, per_step(jax_name), strict=True)])
+    print(
+      f"| {name} | {steps[name]} | {matvecs[name]} | {residuals[name]:.2e} | "
+      f"{common.spread(samples[name]).strip()} | {total:.3f} | {1e3 * common.median(step):.1f} "
+      f"| {relative:.3f} |"
+    )
+  print(
+    f"({baseline}: {common.spread(base).strip()} ms. Per step = (solve - {baseline}) / "
+    "(matvecs - 1): one matvec and the vector work of one step, for both solvers.)"
+  )
+
+
+def peak_bytes(fn, *example) -> tuple[int, dict]:
+  stats = jax.jit(fn).lower(*example).compile().memory_analysis()
+  parts = {
+    "temp": stats.temp_size_in_bytes,
+    "arguments": stats.argument_size_in_bytes,
+    "outputs": stats.output_size_in_bytes,
+    "aliased": stats.alias_size_in_bytes,
+  }
+  return parts["temp"] + parts["arguments"] + parts["outputs"] - parts["aliased"], parts
+
+
+def part_c(args, params, batch, b) -> None:
+  lam, cap = args.damping, args.memory_max_steps
+  vector = common.vector_bytes(params)
+  print(
+    f"\n## c. peak memory of a solve (XLA memory analysis), in parameter vectors of "
+    f"{vector / 2**20:.2f} MiB; max_steps={cap}"
+  )
+
+  def baseline(p, bt, rhs):
+    return damped_matvec(p, bt, lam)(rhs)
+
+  base, parts = peak_bytes(baseline, params, batch, b)
+  print(
+    f"# baseline (linearise + 1 matvec): {base / vector:.2f} vectors "
+    f"({', '.join(f'{k} {v / vector:.2f}' for k, v in parts.items())})"
+  )
+  schedule_slots = len(hfjax.martens_record_steps(cap)) + 1
+  print("\n| L-BFGS m | num_recorded | slots | solve peak | minus baseline | goal | verdict |")
+  print("|---|---|---|---|---|---|---|")
+  for memory in args.memories:
+    for recorded in (None, args.recorded):
+      slots = schedule_slots if recorded is None else min(recorded, schedule_slots)
+
+      def solve(p, bt, rhs, memory=memory, recorded=recorded):
+        result = hfjax.cg(
+          damped_matvec(p, bt, lam),
+          rhs,
+          preconditioner=hfjax.lbfgs_init(rhs, memory) if memory else None,
+          max_steps=cap,
+          num_recorded=recorded,
+        )
+        return result
+
+      peak, _ = peak_bytes(solve, params, batch, b)
+      extra = (peak - base) / vector
+      goal = 2 * memory + slots + 8
+      verdict = "met" if extra <= goal else "MISSED"
+      print(
+        f"| {memory} | {recorded} | {slots} | {peak / vector:.2f} | {extra:.2f} | {goal} "
+        f"| {verdict} |"
+      )
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ac'")
+  parser.add_argument("--batch-size", type=int, default=1000, help="curvature batch size")
+  parser.add_argument("--damping", type=float, default=1.0, help="lambda of G + lambda I")
+  parser.add_argument("--steps", type=int, default=10, help="a: CG steps per timed solve")
+  parser.add_argument("--repeats", type=int, default=5, help="a: interleaved timing rounds")
+  parser.add_argument("--residual-tol", type=float, default=0.1, help="b: relative residual")
+  parser.add_argument("--max-steps", type=int, default=250, help="b: step cap of both solvers")
+  parser.add_argument("--repeats-b", type=int, default=3, help="b: interleaved timing rounds")
+  parser.add_argument("--memories", type=int, nargs="+", default=[0, 5, 10, 20], help="c: m")
+  parser.add_argument("--recorded", type=int, default=4, help="c: num_recorded besides None")
+  parser.add_argument("--memory-max-steps", type=int, default=250, help="c: max_steps")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.steps < 2:
+    parser.error("--steps must be at least 2.")
+
+  common.print_header("bench_cg: hfjax.cg on the damped Gauss-Newton system", args)
+  params, batch, _ = common.setup(args.seed, args.batch_size)
+  b = optax.tree.scale(-1.0, jax.jit(jax.grad(common.batch_loss))(params, batch))
+  print(
+    f"# params: {common.num_params(params):,}; batch: {args.batch_size}; float32; "
+    f"|b| = {float(optax.tree.norm(b)):.4g}"
+  )
+  if "a" in args.parts:
+    part_a(args, params, batch, b)
+  if "b" in args.parts:
+    part_b(args, params, batch, b)
+  if "c" in args.parts:
+    part_c(args, params, batch, b)
+
+
+if __name__ == "__main__":
+  main()
