@@ -157,7 +157,7 @@ def _validate(**options) -> None:
     if not isinstance(options[name], sampling.SampleSchedule):
       raise TypeError(f"{name} must be an hfjax.SampleSchedule, got {options[name]!r}.")
   if options["curvature_schedule"].kind == "variance":
-    raise ValueError("the variance test schedules the gradient sample only.")
+    raise ValueError("curvature_schedule cannot be a variance test (it schedules gradients only).")
   _positive_int("chunk_size", options["chunk_size"])
 
 
@@ -352,16 +352,20 @@ def hessian_free(
     if jax.tree.structure(grads) != jax.tree.structure(params):
       raise ValueError("updates (the gradients) must have the tree structure of params.")
 
+    # Losses are compared in the parameters' accumulation precision: float64 problems must
+    # see improvements below float32 resolution.
+    loss_dtype = jnp.result_type(*jax.tree.leaves(grads))
+
     def batch_loss(step, data):
       inputs, targets = curvature.split_batch(data)
       moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
-      return jnp.asarray(loss_fn(apply_fn(moved, inputs), targets), jnp.float32)
+      return jnp.asarray(loss_fn(apply_fn(moved, inputs), targets), loss_dtype)
 
     # Linearising first also checks, with a clear error, that the model outputs fit the
     # targets and that loss_fn returns a scalar, before anything else touches the loss.
     gn_matvec, _ = curvature.gauss_newton_matvec(apply_fn, loss_fn, params, curvature_batch)
     zero_step = optax.tree.zeros_like(grads)
-    f0 = batch_loss(zero_step, batch) if loss is None else jnp.asarray(loss, jnp.float32)
+    f0 = batch_loss(zero_step, batch) if loss is None else jnp.asarray(loss, loss_dtype)
     inputs_ok = _all_finite(grads) & jnp.isfinite(f0)
     grads = optax.tree.where(inputs_ok, grads, zero_step)
     lam = state.damping
@@ -428,10 +432,12 @@ def hessian_free(
       )
 
     _, best_j, best_val_f, _ = jax.lax.while_loop(
-      back_cond, back_body, (jnp.int32(0), jnp.int32(0), jnp.float32(jnp.inf), jnp.array(True))
+      back_cond,
+      back_body,
+      (jnp.int32(0), jnp.int32(0), jnp.asarray(jnp.inf, loss_dtype), jnp.array(True)),
     )
     direction = iterate(best_j)
-    model_value = result.iterate_values[order[best_j]].astype(jnp.float32)
+    model_value = result.iterate_values[order[best_j]].astype(loss_dtype)
     chosen_step = result.iterate_steps[order[best_j]]
 
     if validation_batch is batch:
