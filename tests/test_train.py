@@ -1,0 +1,222 @@
+"""End-to-end checks of the training script and the ablation runner, at tiny sizes."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from hfjax.experiments import ablation, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# A one-hidden-layer classifier on sklearn's digits: compiles and trains in seconds.
+TINY = {"model.hidden_sizes": (16,), "optimizer.curvature_schedule.start": 100, "eval_every": 2}
+
+
+def _config(name: str, **overrides):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.progress = False
+  config.update_from_flattened_dict(
+    {**TINY, **overrides} if name == "digits_classifier" else overrides
+  )
+  return config
+
+
+def _cli(*args: str, module: str = "hfjax.experiments.train") -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_trains_and_writes_metrics_summary_and_plot(tmp_path):
+  result = _cli(
+    "--config",
+    str(CONFIGS / "digits_classifier.py"),
+    "--workdir",
+    str(tmp_path),
+    "--config.model.hidden_sizes=(16,)",
+    "--config.optimizer.curvature_schedule.start=100",
+    "--config.num_steps=4",
+    "--config.eval_every=2",
+  )
+  assert result.returncode == 0, result.stderr
+  assert "summary:" in result.stdout
+  records = _records(tmp_path)
+  assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+  assert [r["step"] for r in records if "test_loss" in r] == [0, 2, 4]
+  for key in ("damping", "rho", "cg_steps", "accepted", "consecutive_rejections"):
+    assert key in records[1], key
+  assert records[1]["gradient_batch_size"] == 1437 and records[1]["curvature_batch_size"] == 100
+  examples = [r["examples_processed"] for r in records]
+  assert examples == sorted(examples) and examples[1] > 2 * 1437
+  walls = [r["wall_time"] for r in records]
+  assert walls == sorted(walls)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 4
+  assert summary["final_train_loss"] < records[0]["eval_train_loss"]
+  assert summary["total_cg_steps"] == sum(r.get("cg_steps", 0) for r in records)
+  assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config", "configs/digits_classifier.py", "--config.optimizer.name=rmsprop"],
+      "error: config.optimizer.name='rmsprop'; choose one of",
+    ),
+    (
+      ["--config", "configs/mnist_autoencoder.py", "--config.dataset.path=/no/such/mnist.npz"],
+      "error: No MNIST data at '/no/such/mnist.npz'",
+    ),
+  ],
+  ids=["bad-optimizer-name", "missing-mnist-file"],
+)
+def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
+  result = _cli(*args, "--workdir", str(tmp_path))
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"optimizer.gradient_schedule.kind": "cubic"}, "config.optimizer.gradient_schedule.kind"),
+    ({"optimizer.curvature_schedule.start": 5000}, "optimizer.curvature_schedule.start=5000"),
+    ({"optimizer.preconditioner": "cholesky"}, "unknown preconditioner 'cholesky'"),
+    ({"model.kind": "autoencoder"}, "has labels"),
+  ],
+)
+def test_bad_config_values_raise_value_errors(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_config("digits_classifier", **overrides), tmp_path)
+
+
+def test_mnist_without_a_path_names_the_flag(tmp_path):
+  with pytest.raises(ValueError, match="--config.dataset.path"):
+    train.train_and_evaluate(_config("mnist_autoencoder"), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "lbfgs"])
+def test_optax_peers_train(tmp_path, name):
+  config = _config(
+    "digits_classifier",
+    **{"optimizer.name": name, "optimizer.learning_rate": 0.05, "num_steps": 6},
+  )
+  summary = train.train_and_evaluate(config, tmp_path)
+  records = _records(tmp_path)
+  assert summary["final_train_loss"] < records[0]["eval_train_loss"]
+  if name != "lbfgs":
+    assert records[1]["examples_processed"] == 2 * config.optimizer.batch_size
+  assert "damping" not in records[1]
+
+
+def test_interrupted_run_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+  pytest.importorskip("orbax.checkpoint")
+  original = train._stop_reason
+
+  def interrupt_after_two(config, step, *args):
+    if step == 2:
+      raise KeyboardInterrupt
+    return original(config, step, *args)
+
+  config = _config("digits_classifier", num_steps=4)
+  monkeypatch.setattr(train, "_stop_reason", interrupt_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, tmp_path)
+  monkeypatch.setattr(train, "_stop_reason", original)
+  assert (tmp_path / "checkpoints").is_dir()
+  summary = train.train_and_evaluate(config, tmp_path, resume=True)
+  assert summary["steps"] == 4
+  records = _records(tmp_path)
+  assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+  assert records[3]["examples_processed"] > records[2]["examples_processed"]
+
+
+def test_runs_on_a_one_device_mesh(tmp_path):
+  pytest.importorskip("hfjax.sharding")
+  config = _config("digits_classifier", num_steps=2, mesh_shape=(1,))
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["steps"] == 2
+
+
+def test_hf_example_count_follows_its_definition():
+  info = {
+    "gradient_batch_size": 1000,
+    "curvature_batch_size": 100,
+    "cg_steps": 10,
+    "chosen_iterate": 9,  # recorded: 10, 9, 7, 5, 4, 3, 2, 1; the second newest won
+    "accepted": True,
+    "line_search_step": 0.8**2,
+  }
+  options = {
+    "preconditioner": "martens",
+    "variance_test": False,
+    "line_search_shrink": 0.8,
+    "line_search_max_steps": 20,
+  }
+  record_steps = train.hfjax.martens_record_steps(250)
+  count = train._hf_examples(info, record_steps, 0, options)
+  gradient, linearise, products = 2 * 1000, 100, 2 * 100 * 11
+  backtracking, step_and_search, martens = 3 * 100, 3 * 1000, 2 * 100
+  assert count == gradient + linearise + products + backtracking + step_and_search + martens
+
+
+def test_ablation_writes_its_table_and_plots(tmp_path):
+  spec = importlib.util.spec_from_file_location("config_ablation", CONFIGS / "ablation.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(
+    {
+      "seeds": (0, 1),
+      "tasks": "digits",
+      "variants": "hf,adam",
+      "compilation_cache": False,
+      "digits.adam_learning_rates": (1e-2,),
+      "digits.base.budget_examples": 40_000,
+      "digits.base.num_steps": 3,
+      **{f"digits.base.{key}": value for key, value in TINY.items()},
+    }
+  )
+  report = ablation.run_ablation(config, tmp_path)
+  assert report == (tmp_path / "RESULTS.md").read_text()
+  rows = [line for line in report.splitlines() if line.startswith("| ")]
+  assert rows[0].startswith("| method |")
+  assert [row.split(" | ")[0] for row in rows[1:]] == [
+    "| HF baseline (no preconditioner, fixed samples)",
+    "| Adam (lr 0.01)",
+  ]
+  assert "| 2/2 |" in rows[1]  # the automatic target is reached by every baseline seed
+  for name in ("digits_train_loss.png", "digits_test_loss.png"):
+    assert (tmp_path / name).stat().st_size > 1000
+  assert len(list(tmp_path.glob("digits/*/seed*/summary.json"))) == 4
+
+
+def test_ablation_rejects_unknown_variants(tmp_path):
+  result = _cli(
+    "--config",
+    "configs/ablation.py",
+    "--config.variants=hf,newton",
+    "--workdir",
+    str(tmp_path),
+    module="hfjax.experiments.ablation",
+  )
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "error: unknown variants ['newton']" in result.stderr
