@@ -157,7 +157,10 @@ def _validate(**options) -> None:
     if not isinstance(options[name], sampling.SampleSchedule):
       raise TypeError(f"{name} must be an hfjax.SampleSchedule, got {options[name]!r}.")
   if options["curvature_schedule"].kind == "variance":
-    raise ValueError("curvature_schedule cannot be a variance test (it schedules gradients only).")
+    raise ValueError(
+      "curvature_schedule cannot be a variance test: the variance test schedules the "
+      "gradient sample only (pass it as gradient_schedule)."
+    )
   _positive_int("chunk_size", options["chunk_size"])
 
 
