@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from toy import apply_fn, init_params, loss_fn, make_step, regression_data
 
 import hfjax
 
@@ -19,29 +19,6 @@ from hfjax.checkpoint import (  # noqa: E402
 )
 
 STEPS, INTERRUPT = 6, 3
-
-
-def apply_fn(params, inputs):
-  return jnp.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def loss_fn(outputs, targets):
-  return 0.5 * jnp.mean(jnp.sum((outputs - targets) ** 2, axis=-1))
-
-
-def _init(seed):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return {
-    "w1": 0.5 * jax.random.normal(k1, (4, 8)),
-    "b1": jnp.zeros(8),
-    "w2": 0.5 * jax.random.normal(k2, (8, 2)),
-    "b2": jnp.zeros(2),
-  }
-
-
-def _data():
-  x = np.random.default_rng(0).normal(size=(48, 4)).astype(np.float32)
-  return x, np.stack([np.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=-1)
 
 
 # L-BFGS pairs carried from one solve to the next, and geometric sample-size schedules: the
@@ -58,13 +35,7 @@ TX = hfjax.hessian_free(
 )
 
 
-@jax.jit
-def step(params, state, batch, curvature_batch):
-  loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, batch[0]), batch[1]))(params)
-  updates, state = TX.update(
-    grads, state, params, batch=batch, curvature_batch=curvature_batch, loss=loss
-  )
-  return optax.apply_updates(params, updates), state
+step = make_step(TX)
 
 
 def _advance(params, state, sampler, steps):
@@ -84,8 +55,8 @@ def _bits(tree):
 
 
 def test_resumed_run_is_bitwise_identical(tmp_path):
-  sampler = hfjax.BatchSampler(_data(), seed=5)
-  params = _init(0)
+  sampler = hfjax.BatchSampler(regression_data(48), seed=5)
+  params = init_params(0)
   straight = _advance(params, TX.init(params), sampler, STEPS)
   straight_sampler = sampler.state_dict()
   state = straight[1]
@@ -93,7 +64,7 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
   assert hfjax.sample_sizes(state) == (32, 16)
   assert sampler.epoch >= 2  # the run crossed epochs
 
-  sampler = hfjax.BatchSampler(_data(), seed=5)
+  sampler = hfjax.BatchSampler(regression_data(48), seed=5)
   params, state = _advance(params, TX.init(params), sampler, INTERRUPT)
   save_checkpoint(
     tmp_path, INTERRUPT, params, state, extra={"sampler": sampler.state_dict(), "note": "x"}
@@ -101,8 +72,8 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
   del params, state, sampler
 
   # Fresh objects: other params, a fresh state and a sampler with another seed.
-  fresh_params = _init(1)
-  fresh_sampler = hfjax.BatchSampler(_data(), seed=123)
+  fresh_params = init_params(1)
+  fresh_sampler = hfjax.BatchSampler(regression_data(48), seed=123)
   assert latest_step(tmp_path) == INTERRUPT
   at, params, state, extra = restore_checkpoint(tmp_path, fresh_params, TX.init(fresh_params))
   assert at == INTERRUPT and extra["note"] == "x"

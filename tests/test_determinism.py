@@ -11,34 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from toy import apply_fn, init_params, loss_fn, regression_data
 
 import hfjax
 
 STEPS = 20
 TRACES = []
-
-
-def apply_fn(params, inputs):
-  return jnp.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def loss_fn(outputs, targets):
-  return 0.5 * jnp.mean(jnp.sum((outputs - targets) ** 2, axis=-1))
-
-
-def _init(seed):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return {
-    "w1": 0.5 * jax.random.normal(k1, (4, 8)),
-    "b1": jnp.zeros(8),
-    "w2": 0.5 * jax.random.normal(k2, (8, 2)),
-    "b2": jnp.zeros(2),
-  }
-
-
-def _data():
-  x = np.random.default_rng(0).normal(size=(96, 4)).astype(np.float32)
-  return x, np.stack([np.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=-1)
 
 
 # Gradient batches of 16 then 32 examples, curvature batches of 8 then 16: two shapes.
@@ -64,9 +42,9 @@ def step(params, state, batch, curvature_batch):
 
 
 def _run(seed):
-  params = _init(seed)
+  params = init_params(seed)
   state = TX.init(params)
-  sampler = hfjax.BatchSampler(_data(), seed=seed)
+  sampler = hfjax.BatchSampler(regression_data(96), seed=seed)
   shapes, history = set(), []
   for _ in range(STEPS):
     gradient_size, curvature_size = hfjax.sample_sizes(state)

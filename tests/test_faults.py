@@ -9,9 +9,9 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
+from toy import init_params, loss_fn, make_step
 
 import hfjax
 
@@ -21,20 +21,6 @@ BATCH = 32
 
 def apply_fn(params, inputs):
   return jax.nn.softplus(inputs @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def loss_fn(outputs, targets):
-  return 0.5 * jnp.mean(jnp.sum((outputs - targets) ** 2, axis=-1))
-
-
-def _init():
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {
-    "w1": 0.5 * jax.random.normal(k1, (4, 8)),
-    "b1": jnp.zeros(8),
-    "w2": 0.5 * jax.random.normal(k2, (8, 2)),
-    "b2": jnp.zeros(2),
-  }
 
 
 def _batch(seed):
@@ -47,19 +33,13 @@ TX = hfjax.hessian_free(
 )
 
 
-@jax.jit
-def step(params, state, batch, curvature_batch):
-  loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, batch[0]), batch[1]))(params)
-  updates, state = TX.update(
-    grads, state, params, batch=batch, curvature_batch=curvature_batch, loss=loss
-  )
-  return optax.apply_updates(params, updates), state
+step = make_step(TX, apply_fn=apply_fn)
 
 
 @functools.cache
 def _trained():
   """Params and state after two good steps: warm start and L-BFGS memory are non-zero."""
-  params = _init()
+  params = init_params()
   state = TX.init(params)
   for seed in (1, 2):
     batch = _batch(seed)
