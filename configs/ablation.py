@@ -67,7 +67,6 @@ def get_config():
       sampling=growing(180, 19),
       batch_size=64,
       peer_eval_every_seconds=0.05,
-      log_plot=True,
     ),
     mnist=ablation.task_config(
       mnist, gradient_sample=20000, curvature_sample=1000, sampling=growing(2500, 125)

@@ -37,10 +37,12 @@ def _finish(fig, axes, title: str, path: str | os.PathLike[str], log_y: bool) ->
     ax.grid(True, alpha=0.3)
     if log_y:
       ax.set_yscale("log")
-  axes[1].legend(fontsize="small")
+  handles, labels = axes[0].get_legend_handles_labels()
+  # Many methods: one legend to the right of both panels rather than over the curves.
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
