@@ -294,26 +294,27 @@ def hessian_free(
   def init_fn(params: optax.Params) -> HessianFreeState:
     curvature.check_params(params)
     vector = as_accumulation(optax.tree.zeros_like(params))
-    scalar = jnp.zeros((), jnp.float32)
-    count = jnp.zeros((), jnp.int32)
+    # A fresh buffer per field: leaves sharing one buffer could not be donated to a jitted step.
+    scalar = lambda: jnp.zeros((), jnp.float32)
+    count = lambda: jnp.zeros((), jnp.int32)
     info = HessianFreeInfo(
-      rho=scalar,
-      cg_steps=count,
-      cg_stop_reason=count,
-      chosen_iterate=count,
-      line_search_step=scalar,
-      loss_before=scalar,
-      loss_after=scalar,
+      rho=scalar(),
+      cg_steps=count(),
+      cg_stop_reason=count(),
+      chosen_iterate=count(),
+      line_search_step=scalar(),
+      loss_before=scalar(),
+      loss_after=scalar(),
       accepted=jnp.array(False),
       non_finite=jnp.array(False),
-      consecutive_rejections=count,
-      total_rejections=count,
-      lbfgs_pairs=count,
-      gradient_batch_size=count,
-      curvature_batch_size=count,
+      consecutive_rejections=count(),
+      total_rejections=count(),
+      lbfgs_pairs=count(),
+      gradient_batch_size=count(),
+      curvature_batch_size=count(),
     )
     return HessianFreeState(
-      count=count,
+      count=count(),
       damping=jnp.asarray(initial_damping, jnp.float32),
       warm_start=vector,
       lbfgs=lbfgs_init(params, memory_size) if keep_pairs else None,

@@ -658,3 +658,21 @@ def test_update_errors():
     tx.init(int_params)
   with pytest.raises(ValueError, match="empty"):
     tx.init({})
+
+
+def test_fresh_state_can_be_donated():
+  """Every leaf of a fresh state is its own buffer, so a donating jitted step accepts it."""
+  x, y = _least_squares_data(seed=3)
+  tx = hfjax.hessian_free(_linear_apply, _squared_error, initial_damping=1e-3, max_cg_steps=5)
+  params = {"b": jnp.asarray(0.0), "w": jnp.zeros(5)}
+
+  def step(params, state):
+    _, grads = _loss_and_grad(_linear_apply, _squared_error)(params, (x, y))
+    updates, state = tx.update(grads, state, params, batch=(x, y))
+    return optax.apply_updates(params, updates), state
+
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  new_params, state = donated(params, tx.init(params))
+  expected, _ = jax.jit(step)({"b": jnp.asarray(0.0), "w": jnp.zeros(5)}, tx.init(params))
+  chex.assert_trees_all_close(new_params, expected)
+  assert int(state.count) == 1
