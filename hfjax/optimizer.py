@@ -11,6 +11,7 @@ import optax
 from hfjax import curvature, sampling
 from hfjax.preconditioners import (
   LBFGSState,
+  all_finite,
   as_accumulation,
   diagonal_preconditioner,
   lbfgs_init,
@@ -162,11 +163,6 @@ def _validate(**options) -> None:
       "gradient sample only (pass it as gradient_schedule)."
     )
   _positive_int("chunk_size", options["chunk_size"])
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -370,7 +366,7 @@ def hessian_free(
     gn_matvec, _ = curvature.gauss_newton_matvec(apply_fn, loss_fn, params, curvature_batch)
     zero_step = optax.tree.zeros_like(grads)
     f0 = batch_loss(zero_step, batch) if loss is None else jnp.asarray(loss, loss_dtype)
-    inputs_ok = _all_finite(grads) & jnp.isfinite(f0)
+    inputs_ok = all_finite(grads) & jnp.isfinite(f0)
     grads = optax.tree.where(inputs_ok, grads, zero_step)
     lam = state.damping
 
@@ -466,7 +462,7 @@ def hessian_free(
       return i + 1, t, _finite_or(batch_loss(optax.tree.scale(t, direction), batch), jnp.inf)
 
     _, t, f_new = jax.lax.while_loop(search_cond, search_body, (jnp.int32(1), jnp.float32(1.0), f1))
-    accepted = inputs_ok & curvature_ok & sufficient(t, f_new) & _all_finite(direction)
+    accepted = inputs_ok & curvature_ok & sufficient(t, f_new) & all_finite(direction)
 
     rho = jnp.where(accepted, rho, -jnp.inf)
     factor = jnp.where(
@@ -474,7 +470,7 @@ def hessian_free(
     )
     new_damping = jnp.clip(lam * factor, damping.minimum, damping.maximum)
     step = optax.tree.where(accepted, optax.tree.scale(t, direction), zero_step)
-    warm_start = optax.tree.where(accepted & _all_finite(result.x), result.x, zero_step)
+    warm_start = optax.tree.where(accepted & all_finite(result.x), result.x, zero_step)
 
     lbfgs = state.lbfgs
     lbfgs_pairs_held = jnp.zeros((), jnp.int32)

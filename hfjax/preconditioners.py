@@ -102,8 +102,10 @@ def memory_size(state: LBFGSState) -> int:
   return state.sy_memory.shape[0]
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every value of every leaf of ``tree`` is finite (``True`` for no leaves)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
@@ -123,7 +125,7 @@ def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
   s, y = optax.tree.cast_like(s, slot), optax.tree.cast_like(y, slot)
   sy = optax.tree.vdot(s, y).astype(state.sy_memory.dtype)
   yy = optax.tree.vdot(y, y).astype(state.sy_memory.dtype)
-  accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(yy) & _all_finite(s) & _all_finite(y)
+  accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(yy) & all_finite(s) & all_finite(y)
   i = state.next_index
   m = memory_size(state)
 

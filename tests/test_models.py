@@ -201,12 +201,6 @@ def test_make_apply_fn_nnx():
 # Losses
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _random(shape, seed):
   return np.random.default_rng(seed).normal(size=shape)
 
