@@ -6,11 +6,14 @@ callable ``r -> z`` or an :class:`LBFGSState`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -31,15 +34,20 @@ class LBFGSState(NamedTuple):
   """Memory of an L-BFGS approximation of an inverse curvature matrix.
 
   The pairs live in a ring buffer with a leading memory axis of size ``m``: slot
-  ``next_index`` is written next, overwriting the oldest pair once ``m`` are stored.
+  ``next_index`` is written next, overwriting the oldest pair once ``m`` are stored. Beside
+  the pairs the state keeps their inner products, which is what lets :func:`lbfgs_apply`
+  use the compact representation: two passes over the memory per product instead of ``2m``
+  dependent ones.
 
   Attributes:
     s_memory: steps :math:`s_j`, a pytree like the parameters with leaves ``(m, ...)``.
     y_memory: curvature images :math:`y_j = A s_j`, same layout.
-    sy_memory: :math:`s_j^\\top y_j`, shape ``(m,)``; zero for an empty slot.
-    yy_memory: :math:`y_j^\\top y_j`, shape ``(m,)``, for :math:`\\gamma`. Keeping it saves
-      reading a slot that was just written, which would make XLA copy the whole memory
-      inside a CG loop.
+    sy_products: :math:`s_i^\\top y_j` for slots ``i, j``, shape ``(m, m)``, kept where
+      pair ``j`` was stored no earlier than pair ``i`` (the entries the compact form reads;
+      the others may be stale). Empty slots have zero rows and columns, so the diagonal is
+      positive exactly on stored pairs.
+    yy_products: :math:`y_i^\\top D y_j` for all slots, shape ``(m, m)``, with :math:`D`
+      the ``initial_diagonal`` (the identity when there is none).
     next_index: slot of the next pair, int32.
     num_pairs: pairs stored, at most ``m``, int32.
     initial_diagonal: optional :math:`H_0` diagonal (a pytree like the parameters) used in
@@ -48,8 +56,8 @@ class LBFGSState(NamedTuple):
 
   s_memory: Any
   y_memory: Any
-  sy_memory: jax.Array
-  yy_memory: jax.Array
+  sy_products: jax.Array
+  yy_products: jax.Array
   next_index: jax.Array
   num_pairs: jax.Array
   initial_diagonal: Any = None
@@ -82,8 +90,8 @@ def lbfgs_init(
   return LBFGSState(
     s_memory=memory(),
     y_memory=memory(),
-    sy_memory=jnp.zeros((memory_size,), scalar_dtype),
-    yy_memory=jnp.zeros((memory_size,), scalar_dtype),
+    sy_products=jnp.zeros((memory_size, memory_size), scalar_dtype),
+    yy_products=jnp.zeros((memory_size, memory_size), scalar_dtype),
     next_index=jnp.zeros((), jnp.int32),
     num_pairs=jnp.zeros((), jnp.int32),
     initial_diagonal=initial_diagonal,
@@ -99,7 +107,7 @@ def memory_like(params: Any) -> Any:
 
 def memory_size(state: LBFGSState) -> int:
   """The number of slots ``m`` of an L-BFGS memory (a static Python int)."""
-  return state.sy_memory.shape[0]
+  return state.sy_products.shape[0]
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -108,10 +116,156 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def flatten_memory(state: LBFGSState) -> LBFGSState:
+  """The same memory with each leaf stored as ``(m, size)`` instead of ``(m, *shape)``.
+
+  Every L-BFGS function takes either layout. Inside a ``lax.while_loop`` that writes the
+  memory and reads it in the same step (:func:`hfjax.cg` updating the preconditioner
+  within the solve), the flat layout lets XLA update the memory in place: with a leaf of
+  two or more dimensions it copies the whole memory every step instead.
+  """
+  flat = lambda memory: jax.tree.map(lambda x: x.reshape(x.shape[0], -1), memory)
+  return state._replace(s_memory=flat(state.s_memory), y_memory=flat(state.y_memory))
+
+
+def unflatten_memory(state: LBFGSState, like: Any) -> LBFGSState:
+  """Undoes :func:`flatten_memory`: memory leaves ``(m, *shape)`` for the leaves of ``like``."""
+  shaped = lambda memory: jax.tree.map(
+    lambda x, v: x.reshape((x.shape[0],) + jnp.shape(v)), memory, like
+  )
+  return state._replace(s_memory=shaped(state.s_memory), y_memory=shaped(state.y_memory))
+
+
+def _inner_products(memory: Any, other: Any) -> jax.Array:
+  """:math:`[\\langle a_i, b_j \\rangle]` over the slots of two stacked memories, ``(m, k)``."""
+
+  def leaf(a, b):
+    b = b.reshape(b.shape[:1] + a.shape[1:]).astype(a.dtype)
+    axes = tuple(range(1, a.ndim))
+    return jnp.tensordot(a, b, axes=(axes, axes), precision=_HIGHEST)
+
+  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf, memory, other)))
+
+
+def _project(memory: Any, v: Any) -> jax.Array:
+  """The inner products of every slot of ``memory`` with ``v``, shape ``(m,)``.
+
+  One matrix-vector product per leaf: XLA's CPU backend reads the memory at full bandwidth
+  for those, and several times slower for a product with a few stacked vectors.
+  """
+
+  def leaf(stored, x):
+    axes = tuple(range(1, stored.ndim))
+    x = x.reshape(stored.shape[1:]).astype(stored.dtype)
+    return jnp.tensordot(stored, x, axes=(axes, tuple(range(x.ndim))), precision=_HIGHEST)
+
+  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf, memory, v)))
+
+
+def _combine(memory: Any, coefficients: jax.Array, like: Any) -> Any:
+  """:math:`\\sum_j c_j` ``memory[j]``, shaped like ``like``."""
+  return jax.tree.map(
+    lambda stored, v: jnp.tensordot(
+      coefficients.astype(stored.dtype), stored, 1, precision=_HIGHEST
+    ).reshape(jnp.shape(v)),
+    memory,
+    like,
+  )
+
+
+def _times_diagonal(state: LBFGSState, v: Any) -> Any:
+  """:math:`D v`, with :math:`D` the state's ``initial_diagonal`` or the identity."""
+  if state.initial_diagonal is None:
+    return v
+  return jax.tree.map(lambda d, x: d.reshape(jnp.shape(x)) * x, state.initial_diagonal, v)
+
+
+class LBFGSProjections(NamedTuple):
+  """The inner products of a vector :math:`v` with the stored pairs, slot by slot.
+
+  Attributes:
+    s_v: :math:`S^\\top v`, shape ``(m,)``.
+    y_dv: :math:`Y^\\top D v`, shape ``(m,)``, :math:`D` the ``initial_diagonal`` or the
+      identity.
+  """
+
+  s_v: jax.Array
+  y_dv: jax.Array
+
+
+def lbfgs_project(state: LBFGSState, v: Any) -> LBFGSProjections:
+  """:math:`S^\\top v` and :math:`Y^\\top D v`: one pass over each half of the memory.
+
+  :func:`lbfgs_apply` needs them; computing them apart lets a caller reuse them (see
+  :func:`lbfgs_update_and_apply`).
+  """
+  q = optax.tree.cast_like(v, memory_like(v))
+  return LBFGSProjections(
+    s_v=_project(state.s_memory, q), y_dv=_project(state.y_memory, _times_diagonal(state, q))
+  )
+
+
+class _Pair(NamedTuple):
+  """A pair offered to the memory, in the memory's dtypes, and where it went."""
+
+  s: Any
+  y: Any
+  sy: jax.Array
+  ydy: jax.Array
+  accept: jax.Array
+  slot: jax.Array
+
+
+def _offer(state: LBFGSState, s: Any, y: Any) -> _Pair:
+  """``(s, y)`` in the memory's dtypes, whether it is acceptable, and the slot it would take."""
+  dtypes = jax.tree.map(lambda x: x.dtype, state.s_memory)
+  s, y = jax.tree.map(jnp.asarray, s, dtypes), jax.tree.map(jnp.asarray, y, dtypes)
+  sy, ydy = optax.tree.vdot(s, y), optax.tree.vdot(y, _times_diagonal(state, y))
+  accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(ydy) & all_finite(s) & all_finite(y)
+  return _Pair(s, y, sy, ydy, accept, state.next_index)
+
+
+def _store(state: LBFGSState, pair: _Pair) -> LBFGSState:
+  """Writes an accepted pair into its slot; the products are left as they are."""
+  i, accept, m = pair.slot, pair.accept, memory_size(state)
+
+  def write(memory, value):
+    return memory.at[i].set(jnp.where(accept, value.reshape(memory.shape[1:]), memory[i]))
+
+  return state._replace(
+    s_memory=jax.tree.map(write, state.s_memory, pair.s),
+    y_memory=jax.tree.map(write, state.y_memory, pair.y),
+    next_index=jnp.where(accept, (i + 1) % m, i).astype(jnp.int32),
+    num_pairs=jnp.where(accept, jnp.minimum(state.num_pairs + 1, m), state.num_pairs).astype(
+      jnp.int32
+    ),
+  )
+
+
+def _set_products(state: LBFGSState, pair: _Pair, s_y: jax.Array, y_dy: jax.Array) -> LBFGSState:
+  """Column ``pair.slot`` of the products (and that row of the symmetric ``yy_products``).
+
+  ``s_y`` is :math:`S^\\top y` and ``y_dy`` is :math:`Y^\\top D y` over the memory as it
+  was before the write; the pair's own entry comes from ``pair``.
+  """
+  i = pair.slot
+
+  def column(products, values, own):
+    values = values.astype(products.dtype).at[i].set(own.astype(products.dtype))
+    return jnp.where(pair.accept, products.at[:, i].set(values), products), values
+
+  sy_products, _ = column(state.sy_products, s_y, pair.sy)
+  yy_products, values = column(state.yy_products, y_dy, pair.ydy)
+  yy_products = jnp.where(pair.accept, yy_products.at[i, :].set(values), yy_products)
+  return state._replace(sy_products=sy_products, yy_products=yy_products)
+
+
 def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
   """Stores the pair ``(s, y)``, unless :math:`s^\\top y \\le 0` or a value is not finite.
 
   A skipped pair leaves ``state`` unchanged, which keeps the approximation positive definite.
+  Storing a pair also takes its inner products with the stored pairs (one pass over the
+  memory), which :func:`lbfgs_apply` uses.
 
   Args:
     state: the memory.
@@ -121,33 +275,74 @@ def lbfgs_update(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
   Returns:
     The updated memory (the oldest pair is overwritten once the memory is full).
   """
-  slot = jax.tree.map(lambda x: x[0], state.s_memory)
-  s, y = optax.tree.cast_like(s, slot), optax.tree.cast_like(y, slot)
-  sy = optax.tree.vdot(s, y).astype(state.sy_memory.dtype)
-  yy = optax.tree.vdot(y, y).astype(state.sy_memory.dtype)
-  accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(yy) & all_finite(s) & all_finite(y)
-  i = state.next_index
-  m = memory_size(state)
+  pair = _offer(state, s, y)
+  products = lbfgs_project(state, pair.y)
+  return _set_products(_store(state, pair), pair, products.s_v, products.y_dv)
 
-  def write(memory, value):
-    return memory.at[i].set(jnp.where(accept, value, memory[i]))
 
+def lbfgs_store_pair(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
+  """Stores ``(s, y)`` like :func:`lbfgs_update`, but without taking its inner products.
+
+  For collecting many pairs at the cost of a write each (:func:`hfjax.cg` does, with a
+  fixed preconditioner): the state is not ready for :func:`lbfgs_apply` until
+  :func:`lbfgs_refresh_products` has run.
+  """
+  return _store(state, _offer(state, s, y))
+
+
+def lbfgs_refresh_products(state: LBFGSState) -> LBFGSState:
+  """Takes the inner products of all stored pairs afresh (after :func:`lbfgs_store_pair`)."""
+  if state.initial_diagonal is None:
+    dy_memory = state.y_memory
+  else:
+    dy_memory = jax.tree.map(
+      lambda y, d: y * d.reshape(y.shape[1:]), state.y_memory, state.initial_diagonal
+    )
   return state._replace(
-    s_memory=jax.tree.map(write, state.s_memory, s),
-    y_memory=jax.tree.map(write, state.y_memory, y),
-    sy_memory=write(state.sy_memory, sy),
-    yy_memory=write(state.yy_memory, yy),
-    next_index=jnp.where(accept, (i + 1) % m, i).astype(jnp.int32),
-    num_pairs=jnp.where(accept, jnp.minimum(state.num_pairs + 1, m), state.num_pairs).astype(
-      jnp.int32
-    ),
+    sy_products=_inner_products(state.s_memory, state.y_memory).astype(state.sy_products.dtype),
+    yy_products=_inner_products(state.y_memory, dy_memory).astype(state.yy_products.dtype),
   )
 
 
-def lbfgs_apply(state: LBFGSState, v: Any) -> Any:
-  """Applies the L-BFGS inverse approximation :math:`H v` by the two-loop recursion.
+def _apply_projected(state: LBFGSState, v: Any, projections: LBFGSProjections) -> Any:
+  """:math:`H v` from :math:`S^\\top v` and :math:`Y^\\top D v` (see :func:`lbfgs_apply`)."""
+  s_v, y_dv = projections
+  m = memory_size(state)
+  # Oldest slot first; while the memory is not full, its empty slots come first.
+  order = (state.next_index + jnp.arange(m)) % m
+  sy = state.sy_products[order][:, order]
+  sy_diagonal = jnp.diagonal(sy)
+  valid = sy_diagonal > 0
+  both = valid[:, None] & valid[None, :]
+  # R = the upper triangle of S^T Y in time order; an empty slot gets a unit diagonal entry
+  # and nothing else, so its coefficients come out zero.
+  r = jnp.where(both, jnp.triu(sy), 0) + jnp.diag((~valid).astype(sy.dtype))
+  if state.initial_diagonal is None:
+    newest = (state.next_index - 1) % m
+    sy_newest, yy_newest = state.sy_products[newest, newest], state.yy_products[newest, newest]
+    ok = (sy_newest > 0) & (yy_newest > 0)
+    scale = jnp.where(ok, sy_newest / jnp.where(ok, yy_newest, 1.0), 1.0)
+  else:
+    scale = jnp.ones((), sy.dtype)
+  ydy = scale * jnp.where(both, state.yy_products[order][:, order], 0)
+  a = jnp.where(valid, s_v[order].astype(sy.dtype), 0)
+  c = scale * jnp.where(valid, y_dv[order].astype(sy.dtype), 0)
+  minus_u2 = jax.scipy.linalg.solve_triangular(r, a, lower=False)
+  t = jnp.where(valid, sy_diagonal, 0) * minus_u2 + jnp.matmul(ydy, minus_u2, precision=_HIGHEST)
+  u1 = jax.scipy.linalg.solve_triangular(r, t - c, lower=False, trans="T")
+  # Back from time order to slots.
+  u1 = jnp.zeros_like(u1).at[order].set(u1)
+  u2 = jnp.zeros_like(minus_u2).at[order].set(-minus_u2)
+  # H v = H0 (v + Y u2) + S u1 with H0 = scale * D.
+  h0_part = _times_diagonal(state, optax.tree.add(v, _combine(state.y_memory, u2, v)))
+  return optax.tree.add_scale(_combine(state.s_memory, u1, v), scale, h0_part)
 
-  With pairs :math:`(s_j, y_j)`, :math:`\\rho_j = 1 / s_j^\\top y_j`, the recursion applies
+
+def lbfgs_apply(state: LBFGSState, v: Any, projections: LBFGSProjections | None = None) -> Any:
+  """Applies the L-BFGS inverse approximation :math:`H v`.
+
+  With pairs :math:`(s_j, y_j)`, :math:`\\rho_j = 1 / s_j^\\top y_j`, :math:`H` is the
+  result of the BFGS inverse recursion
 
   .. math::
 
@@ -155,53 +350,76 @@ def lbfgs_apply(state: LBFGSState, v: Any) -> Any:
       + \\rho_j s_j s_j^\\top
 
   from :math:`H_0 = \\gamma I`, :math:`\\gamma = s^\\top y / y^\\top y` of the newest pair
-  (or the state's ``initial_diagonal``), without forming a matrix (Nocedal & Wright,
-  Algorithm 7.4). An empty memory gives :math:`H_0 v` (the identity with no diagonal).
+  (or :math:`H_0 = D`, the state's ``initial_diagonal``), over the stored pairs, oldest
+  first: the matrix the two-loop recursion (Nocedal & Wright, Algorithm 7.4) applies. It is
+  applied in the compact form of Byrd, Nocedal & Schnabel,
+
+  .. math::
+
+    H v = H_0 v + S u_1 + H_0 Y u_2, \\quad u_2 = -R^{-1} S^\\top v, \\quad
+    u_1 = R^{-\\top} \\left((\\Delta + Y^\\top H_0 Y) R^{-1} S^\\top v - Y^\\top H_0 v\\right),
+
+  with :math:`S, Y` the stored pairs as columns, :math:`R` the upper triangle of
+  :math:`S^\\top Y` and :math:`\\Delta` its diagonal (both kept in the state): one pass over
+  the memory for :math:`S^\\top v, Y^\\top H_0 v` and one for the sums, each a matrix
+  product, where the two-loop recursion makes :math:`2m` dependent passes. An empty memory
+  gives :math:`H_0 v` (the identity with no diagonal).
 
   Args:
     state: the memory.
     v: a pytree like the parameters.
+    projections: :func:`lbfgs_project` of ``v``, when already at hand (saves the first
+      pass).
 
   Returns:
     :math:`H v`, with the structure and dtypes of ``v``.
 
   References:
     Nocedal, "Updating quasi-Newton matrices with limited storage", Math. Comp. 1980.
+    Byrd, Nocedal & Schnabel, "Representations of quasi-Newton matrices and their use in
+    limited memory methods", Math. Program. 1994.
   """
-  m = memory_size(state)
-  q0 = optax.tree.cast_like(v, memory_like(v))
-  # Newest to oldest: slots next_index-1, next_index-2, ... Empty slots have sy = 0 and
-  # contribute nothing (their coefficients are zero).
-  order = (state.next_index - 1 - jnp.arange(m)) % m
-  safe_sy = jnp.where(state.sy_memory > 0, state.sy_memory, 1.0)
-  rho = jnp.where(state.sy_memory > 0, 1.0 / safe_sy, 0.0)
+  q = optax.tree.cast_like(v, memory_like(v))
+  if projections is None:
+    projections = lbfgs_project(state, q)
+  return optax.tree.cast_like(_apply_projected(state, q, projections), v)
 
-  def take(memory, j):
-    return jax.tree.map(lambda x: x[j], memory)
 
-  def first_loop(q, j):
-    alpha = rho[j] * optax.tree.vdot(take(state.s_memory, j), q)
-    return optax.tree.add_scale(q, -alpha, take(state.y_memory, j)), alpha
+def lbfgs_update_and_apply(
+  state: LBFGSState, s: Any, y: Any, v: Any, previous: LBFGSProjections | None = None
+) -> tuple[LBFGSState, Any, LBFGSProjections]:
+  """:func:`lbfgs_update` with ``(s, y)``, then :func:`lbfgs_apply` to ``v``.
 
-  q, alphas = jax.lax.scan(first_loop, q0, order)
+  With ``previous``, the :func:`lbfgs_project` of a vector :math:`u` with :math:`y = u - v`
+  over ``state`` (in CG: the last residual, since :math:`r_{k+1} = r_k - \\alpha A p`), the
+  pair's inner products come out of :math:`S^\\top u - S^\\top v` and
+  :math:`Y^\\top D u - Y^\\top D v` and cost no pass over the memory: the update then costs
+  what a fixed preconditioner does, two passes over the memory per step.
 
-  if state.initial_diagonal is not None:
-    r = jax.tree.map(jnp.multiply, state.initial_diagonal, q)
-  else:
-    newest = order[0]
-    yy = state.yy_memory[newest]
-    gamma = jnp.where(
-      (state.num_pairs > 0) & (yy > 0), state.sy_memory[newest] / jnp.where(yy > 0, yy, 1.0), 1.0
+  Args:
+    state: the memory.
+    s: a step, pytree like the parameters.
+    y: its curvature image :math:`A s`.
+    v: the vector to apply the updated approximation to.
+    previous: optional projections as above.
+
+  Returns:
+    The updated state, :math:`H v` (structure and dtypes of ``v``) and the projections of
+    ``v`` over the updated memory (the ``previous`` of the next call).
+  """
+  pair = _offer(state, s, y)
+  q = optax.tree.cast_like(v, pair.s)
+  if previous is None:
+    products = lbfgs_project(state, pair.y)
+  updated = _store(state, pair)
+  projections = lbfgs_project(updated, q)
+  if previous is not None:
+    # Slots other than the new pair's hold the same vectors before and after the write.
+    products = LBFGSProjections(
+      s_v=previous.s_v - projections.s_v, y_dv=previous.y_dv - projections.y_dv
     )
-    r = optax.tree.scale(gamma.astype(state.sy_memory.dtype), q)
-
-  def second_loop(r, xs):
-    j, alpha = xs
-    beta = rho[j] * optax.tree.vdot(take(state.y_memory, j), r)
-    return optax.tree.add_scale(r, alpha - beta, take(state.s_memory, j)), None
-
-  r, _ = jax.lax.scan(second_loop, r, (order[::-1], alphas[::-1]))
-  return optax.tree.cast_like(r, v)
+  updated = _set_products(updated, pair, products.s_v, products.y_dv)
+  return updated, optax.tree.cast_like(_apply_projected(updated, q, projections), v), projections
 
 
 def diagonal_preconditioner(diagonal: Any, damping: float | jax.Array, exponent: float = 0.75):

@@ -6,7 +6,7 @@ axis ``"data"`` and the parameters (and so the optimizer state) replicated, ever
 pass, Jacobian-vector product and loss Hessian product runs on each device's share of the
 examples, and the reductions over examples (the loss mean, the gradient, the ``J^T`` half of
 each Gauss-Newton product) become one all-reduce each. Every CG vector is then replicated,
-so CG's dot products, the L-BFGS two-loop recursion and the diagonal preconditioners run
+so CG's dot products, the L-BFGS products and the diagonal preconditioners run
 locally on each device with no further communication.
 
 Example (one host; the same code runs on one device or many)::

@@ -13,12 +13,18 @@ import numpy as np
 import optax
 
 from hfjax.preconditioners import (
+  LBFGSProjections,
   LBFGSState,
   as_accumulation,
+  flatten_memory,
   lbfgs_apply,
   lbfgs_init,
-  lbfgs_update,
+  lbfgs_project,
+  lbfgs_refresh_products,
+  lbfgs_store_pair,
+  lbfgs_update_and_apply,
   memory_size,
+  unflatten_memory,
 )
 
 Preconditioner = Callable[[Any], Any] | LBFGSState | None
@@ -89,6 +95,7 @@ class _Carry(NamedTuple):
   residual_norm: jax.Array
   values: jax.Array
   precond: LBFGSState | None
+  projections: LBFGSProjections | None  # of r, when L-BFGS is updated within the solve
   pairs: LBFGSState | None
   iterates: Any
   iterate_steps: jax.Array
@@ -205,8 +212,10 @@ def cg(
   dtype = jnp.result_type(*jax.tree.leaves(b))
   apply_a = lambda v: optax.tree.cast_like(matvec(v), b)
   is_lbfgs = isinstance(preconditioner, LBFGSState)
-  if is_lbfgs or preconditioner is None:
-    precond_state = preconditioner
+  if is_lbfgs:
+    precond_state = flatten_memory(preconditioner)
+  elif preconditioner is None:
+    precond_state = None
   elif callable(preconditioner):
     precond_state = None
   else:
@@ -215,9 +224,9 @@ def cg(
       f"{type(preconditioner).__name__}."
     )
 
-  def precondition(state, r):
+  def precondition(state, r, projections=None):
     if is_lbfgs:
-      return lbfgs_apply(state, r)
+      return lbfgs_apply(state, r, projections)
     if preconditioner is None:
       return r
     return optax.tree.cast_like(preconditioner(r), r)
@@ -234,7 +243,9 @@ def cg(
   else:
     x = optax.tree.cast_like(x0, b)
     r = optax.tree.sub(b, apply_a(x))
-  z = precondition(precond_state, r)
+  within = is_lbfgs and update_preconditioner
+  projections = lbfgs_project(precond_state, r) if within else None
+  z = precondition(precond_state, r, projections)
   rz = optax.tree.vdot(r, z)
   rr = optax.tree.vdot(r, r)
   value0 = -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
@@ -258,7 +269,8 @@ def cg(
     residual_norm=jnp.sqrt(rr),
     values=jnp.zeros(max_steps + 1, dtype).at[0].set(jnp.where(jnp.isfinite(value0), value0, 0)),
     precond=precond_state,
-    pairs=lbfgs_init(b, memory_size(preconditioner)) if collect else None,
+    projections=projections,
+    pairs=flatten_memory(lbfgs_init(b, memory_size(preconditioner))) if collect else None,
     iterates=jax.tree.map(lambda v: jnp.zeros((slots,) + v.shape, v.dtype), b),
     iterate_steps=jnp.full((slots,), -1, jnp.int32),
     iterate_values=jnp.full((slots,), jnp.inf, dtype),
@@ -278,12 +290,15 @@ def cg(
     x = optax.tree.add_scale(c.x, alpha, c.p)
     r = optax.tree.add_scale(c.r, -alpha, ap)
     s, y = optax.tree.scale(alpha, c.p), optax.tree.scale(alpha, ap)
-    precond, pairs = c.precond, c.pairs
-    if is_lbfgs and update_preconditioner:
-      precond = lbfgs_update(precond, s, y)
+    precond, projections, pairs = c.precond, c.projections, c.pairs
+    if within:
+      # y = c.r - r, so the pair's inner products come from the residuals' projections.
+      precond, z, projections = lbfgs_update_and_apply(precond, s, y, r, previous=projections)
+    else:
+      z = precondition(precond, r)
     if collect:
-      pairs = lbfgs_update(pairs, s, y)
-    z = precondition(precond, r)
+      # The pairs' inner products are taken once, after the solve.
+      pairs = lbfgs_store_pair(pairs, s, y)
     rz = optax.tree.vdot(r, z)
     rr = optax.tree.vdot(r, r)
     if beta == "flexible":
@@ -332,6 +347,7 @@ def cg(
       residual_norm=jnp.where(ok, jnp.sqrt(rr), c.residual_norm),
       values=values,
       precond=precond,
+      projections=projections,
       pairs=pairs,
     )
     new = _record(new, x, step, value, ok & record_mask[step])
@@ -342,6 +358,12 @@ def cg(
   already = (final.num_recorded > 0) & (final.iterate_steps[last] == final.step)
   value = final.values[final.step]
   final = _record(final, final.x, final.step, value, ~already)
+  if collect:
+    precond_out = unflatten_memory(lbfgs_refresh_products(final.pairs), b)
+  elif is_lbfgs:
+    precond_out = unflatten_memory(final.precond, b)
+  else:
+    precond_out = None
   return CGResult(
     x=final.x,
     num_steps=final.step,
@@ -351,5 +373,5 @@ def cg(
     iterates=final.iterates,
     iterate_steps=final.iterate_steps,
     iterate_values=final.iterate_values,
-    preconditioner_state=final.pairs if collect else final.precond,
+    preconditioner_state=precond_out,
   )

@@ -57,7 +57,7 @@ def _assert_finite_tree(tree):
 
 def _assert_lbfgs_pairs_valid(lbfgs):
   held = int(lbfgs.num_pairs)
-  sy = np.asarray(lbfgs.sy_memory)
+  sy = np.diagonal(np.asarray(lbfgs.sy_products))
   assert np.all(sy[:held] > 0) and np.all(sy[held:] == 0)
   _assert_finite_tree(lbfgs)
 

@@ -59,7 +59,7 @@ def _vector_dtypes(state):
   return {
     jnp.dtype(x.dtype)
     for x in jax.tree.leaves((state.warm_start, state.lbfgs.s_memory, state.lbfgs.y_memory))
-  } | {jnp.dtype(state.lbfgs.sy_memory.dtype)}
+  } | {jnp.dtype(state.lbfgs.sy_products.dtype)}
 
 
 def _avals(tree):

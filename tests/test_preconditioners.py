@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from references import dense_bfgs_inverse
 
 import hfjax
 
@@ -15,26 +16,6 @@ update = jax.jit(hfjax.lbfgs_update)
 def materialise(state, eye):
   """The matrix H of ``lbfgs_apply`` (row i is H e_i; H is symmetric)."""
   return jax.vmap(lambda e: hfjax.lbfgs_apply(state, e))(eye)
-
-
-def dense_bfgs_inverse(pairs, n, memory, initial_diagonal=None):
-  """H from the BFGS inverse recursion (Nocedal & Wright eq. 7.19) on the newest ``memory``
-  acceptable pairs, oldest first, from H0 = diag(initial_diagonal) or gamma I."""
-  pairs = [
-    (s, y) for s, y in pairs if np.all(np.isfinite(s)) and np.all(np.isfinite(y)) and s @ y > 0
-  ][-memory:]
-  if initial_diagonal is not None:
-    h = np.diag(initial_diagonal)
-  elif pairs:
-    s, y = pairs[-1]
-    h = (s @ y) / (y @ y) * np.eye(n)
-  else:
-    h = np.eye(n)
-  for s, y in pairs:
-    rho = 1.0 / (s @ y)
-    v = np.eye(n) - rho * np.outer(y, s)
-    h = v.T @ h @ v + rho * np.outer(s, s)
-  return h
 
 
 def random_spd(n, rng):
@@ -177,6 +158,102 @@ def test_conjugate_pairs_of_a_quadratic_give_its_exact_inverse(x64):
   np.testing.assert_allclose(materialise(state, jnp.eye(n)), np.linalg.inv(a), rtol=1e-8)
 
 
+def _pytree_setup(n_pairs, memory, rng, diagonal=False):
+  """A pytree layout, its unravel, pairs and an L-BFGS state holding them."""
+  params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(2)}
+  flat, unravel = ravel_pytree(params)
+  n = flat.size
+  d = rng.uniform(0.2, 3.0, n) if diagonal else None
+  state = hfjax.lbfgs_init(
+    params, memory, initial_diagonal=None if d is None else unravel(jnp.asarray(d))
+  )
+  pairs = random_pairs(n_pairs, n, rng)
+  for s, y in pairs:
+    state = update(state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)))
+  return state, unravel, pairs, n, d
+
+
+@pytest.mark.parametrize("with_previous", [False, True])
+@pytest.mark.parametrize("num_pairs, diagonal", [(0, False), (2, False), (5, False), (5, True)])
+def test_update_and_apply_matches_dense_recursion(x64, num_pairs, diagonal, with_previous):
+  memory = 3
+  rng = np.random.default_rng(80 + num_pairs)
+  state, unravel, pairs, n, d = _pytree_setup(num_pairs, memory, rng, diagonal)
+  (s, y), v = random_pairs(1, n, rng)[0], rng.standard_normal(n)
+  previous = None
+  if with_previous:  # projections of u with y = u - v, as a CG residual gives them
+    previous = hfjax.lbfgs_project(state, unravel(jnp.asarray(v + y)))
+  new, z, projections = jax.jit(hfjax.lbfgs_update_and_apply)(
+    state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)), unravel(jnp.asarray(v)), previous
+  )
+  want = dense_bfgs_inverse(pairs + [(s, y)], n, memory, initial_diagonal=d)
+  np.testing.assert_allclose(ravel_pytree(z)[0], want @ v, rtol=1e-10, atol=1e-12)
+  # The state it returns is the one lbfgs_update gives, and the projections are v's over it.
+  unravel_state = update(state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)))
+  for x, w in zip(jax.tree.leaves(new), jax.tree.leaves(unravel_state), strict=True):
+    np.testing.assert_allclose(x, w, rtol=1e-10, atol=1e-12)
+  again = hfjax.lbfgs_project(new, unravel(jnp.asarray(v)))
+  np.testing.assert_allclose(projections.s_v, again.s_v, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(projections.y_dv, again.y_dv, rtol=1e-10, atol=1e-12)
+
+
+def test_update_and_apply_skips_a_bad_pair(x64):
+  rng = np.random.default_rng(90)
+  state, unravel, pairs, n, _ = _pytree_setup(2, 3, rng)
+  v = unravel(jnp.asarray(rng.standard_normal(n)))
+  for s, y in bad_pairs(n, rng):
+    new, z, _ = hfjax.lbfgs_update_and_apply(
+      state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)), v
+    )
+    assert_states_equal(new, state)
+    np.testing.assert_allclose(
+      ravel_pytree(z)[0], ravel_pytree(hfjax.lbfgs_apply(state, v))[0], rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_stored_pairs_with_refreshed_products_match_updates(x64, diagonal):
+  n, memory = 6, 4
+  rng = np.random.default_rng(100)
+  d = rng.uniform(0.2, 3.0, n) if diagonal else None
+  pairs = random_pairs(7, n, rng) + bad_pairs(n, rng)[:2]
+  empty = hfjax.lbfgs_init(jnp.zeros(n), memory, initial_diagonal=None if d is None else d)
+  stored = empty
+  for s, y in pairs:
+    stored = jax.jit(hfjax.lbfgs_store_pair)(stored, jnp.asarray(s), jnp.asarray(y))
+  stored = hfjax.lbfgs_refresh_products(stored)
+  want = dense_bfgs_inverse(pairs, n, memory, initial_diagonal=d)
+  np.testing.assert_allclose(materialise(stored, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
+  updated = fill(empty, pairs)
+  # Same pairs, same slots; the products agree wherever lbfgs_update keeps them.
+  np.testing.assert_array_equal(stored.s_memory, updated.s_memory)
+  np.testing.assert_allclose(stored.yy_products, updated.yy_products, rtol=1e-12)
+  np.testing.assert_allclose(
+    np.diagonal(stored.sy_products), np.diagonal(updated.sy_products), rtol=1e-12
+  )
+
+
+def test_flat_memory_layout_is_the_same_approximation(x64):
+  rng = np.random.default_rng(110)
+  state, unravel, pairs, n, _ = _pytree_setup(4, 3, rng)
+  flat = hfjax.preconditioners.flatten_memory(state)
+  assert jax.tree.map(jnp.shape, flat.s_memory) == {"w": (3, 6), "b": (3, 2)}
+  v = unravel(jnp.asarray(rng.standard_normal(n)))
+  np.testing.assert_allclose(
+    ravel_pytree(hfjax.lbfgs_apply(flat, v))[0],
+    ravel_pytree(hfjax.lbfgs_apply(state, v))[0],
+    rtol=1e-12,
+  )
+  s, y = random_pairs(1, n, rng)[0]
+  s, y = unravel(jnp.asarray(s)), unravel(jnp.asarray(y))
+  unflatten = hfjax.preconditioners.unflatten_memory
+  assert_states_equal(unflatten(flat, v), state)
+  back = unflatten(hfjax.lbfgs_update(flat, s, y), v)
+  want = hfjax.lbfgs_update(state, s, y)
+  for x, w in zip(jax.tree.leaves(back), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(x, w, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
   ("dtype", "memory_dtype"),
   [
@@ -191,7 +268,7 @@ def test_state_dtypes_are_stable_under_jit(dtype, memory_dtype):
   with jax.enable_x64(dtype == "float64"):
     params = {"w": jnp.zeros((3, 2), dtype), "b": jnp.zeros(2, dtype)}
     state = hfjax.lbfgs_init(params, 3)
-    for leaf in jax.tree.leaves((state.s_memory, state.y_memory, state.sy_memory)):
+    for leaf in jax.tree.leaves((state.s_memory, state.y_memory, state.sy_products)):
       assert leaf.dtype == jnp.dtype(memory_dtype)
     assert state.next_index.dtype == jnp.int32 and state.num_pairs.dtype == jnp.int32
     dtypes = lambda tree: jax.tree.map(lambda x: (x.dtype, x.shape), tree)

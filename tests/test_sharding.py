@@ -12,7 +12,7 @@ the compiled HLO shows:
 - The CG loop body holds exactly one all-reduce: the ``J^T`` half of the Gauss-Newton
   product sums the per-device parameter gradients, and XLA combines the reductions of all
   parameter leaves into one tuple all-reduce of ``num_params`` elements. The CG vectors are
-  replicated, so every dot product, the L-BFGS two-loop recursion and the L-BFGS memory
+  replicated, so every dot product, the L-BFGS products and the L-BFGS memory
   update are local: the scalar reductions of CG need no communication at all.
 - Before the loop: the loss and the gradient share one all-reduce (``1 + num_params``
   elements), and the initial residual ``b - A x0`` of the warm start takes one more
@@ -101,7 +101,7 @@ def _while_bodies(lines: list[str]) -> list[str]:
 
 def collective_report(hlo: str, cg_marker: str) -> dict:
   """Where a compiled update communicates: the elements of each all-reduce in the CG loop
-  body, in loops nested in it (the L-BFGS two-loop recursion), outside every loop and in
+  body, in loops nested in it, outside every loop and in
   the other loops (backtracking, line search, per-example sums), plus all-gather count."""
   computations = _computations(hlo)
   cg_bodies = [
@@ -251,7 +251,7 @@ def _worker(preconditioner: str) -> dict:
     previous = hfjax.hessian_free(apply_fn, loss_fn, lbfgs_pairs="previous", memory_size=5)
     memory = sharding.state_sharding(previous.init(params), params, mesh, True).lbfgs
     results["model"]["memory_specs"] = {k: list(v.spec) for k, v in memory.s_memory.items()}
-    results["model"]["memory_specs"]["sy"] = list(memory.sy_memory.spec)
+    results["model"]["memory_specs"]["sy"] = list(memory.sy_products.spec)
     hlo = compiled.as_text()
     results["model"]["collectives"] = {
       op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo))

@@ -17,6 +17,7 @@ import scipy.sparse.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
+from references import dense_bfgs_inverse
 
 import hfjax
 from hfjax import CGStopReason
@@ -274,6 +275,62 @@ def test_lbfgs_preconditioner_updated_within_solve_converges(x64):
   np.testing.assert_allclose(got.x, np.linalg.solve(a, b), rtol=1e-7, atol=1e-9)
   # Every step adds its pair s = alpha p, y = alpha A p (s^T y > 0 on an SPD system).
   assert int(got.preconditioner_state.num_pairs) == min(memory, int(got.num_steps))
+
+
+def plain_lbfgs_pcg(a, b, pairs, memory, steps, *, update):
+  """Flexible PCG in a NumPy loop with the dense BFGS inverse of the pairs as preconditioner:
+  rebuilt after every step from the pairs so far (``update``), or kept fixed."""
+  n = len(b)
+  pairs, new_pairs = list(pairs), []
+  h = dense_bfgs_inverse(pairs, n, memory)
+  x, r = np.zeros(n), b.copy()
+  z = h @ r
+  p, rz = z.copy(), r @ z
+  for _ in range(steps):
+    ap = a @ p
+    alpha = rz / (p @ ap)
+    x, r_new = x + alpha * p, r - alpha * ap
+    new_pairs.append((alpha * p, alpha * ap))
+    if update:
+      h = dense_bfgs_inverse(pairs + new_pairs, n, memory)
+    z = h @ r_new
+    beta = z @ (r_new - r) / rz
+    p, r, rz = z + beta * p, r_new, r_new @ z
+  return x, new_pairs
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_lbfgs_pcg_matches_plain_loop_with_dense_bfgs(x64, update):
+  # Memory 3 and 7 steps: the ring buffer wraps twice within the solve.
+  rng = np.random.default_rng(8)
+  n, memory, steps = N, 3, 7
+  a, b = random_spd(n, 1e3, rng), rng.standard_normal(n)
+  old_pairs = [(s, random_spd(n, 10.0, rng) @ s) for s in rng.standard_normal((2, n))]
+  state = hfjax.lbfgs_init(jnp.zeros(n), memory)
+  for s, y in old_pairs:
+    state = hfjax.lbfgs_update(state, jnp.asarray(s), jnp.asarray(y))
+  got = jax.jit(
+    lambda a, b, state: hfjax.cg(
+      lambda v: a @ v,
+      b,
+      preconditioner=state,
+      update_preconditioner=update,
+      max_steps=steps,
+      tol=0.0,
+    )
+  )(jnp.asarray(a), jnp.asarray(b), state)
+  want_x, new_pairs = plain_lbfgs_pcg(a, b, old_pairs, memory, steps, update=update)
+  assert int(got.num_steps) == steps
+  np.testing.assert_allclose(got.x, want_x, rtol=1e-8, atol=1e-10)
+  # Within the solve the memory ends with the newest pairs of all; with a fixed
+  # preconditioner it holds the solve's own pairs, collected in a fresh memory.
+  held = old_pairs + new_pairs if update else new_pairs
+  np.testing.assert_allclose(
+    jax.vmap(lambda e: hfjax.lbfgs_apply(got.preconditioner_state, e))(jnp.eye(n)),
+    dense_bfgs_inverse(held, n, memory),
+    rtol=1e-8,
+    atol=1e-10,
+  )
 
 
 def test_collected_lbfgs_pairs_speed_up_a_sequence_of_nearby_systems(x64):
