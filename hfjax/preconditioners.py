@@ -229,8 +229,12 @@ def _store(state: LBFGSState, pair: _Pair) -> LBFGSState:
   """Writes an accepted pair into its slot; the products are left as they are."""
   i, accept, m = pair.slot, pair.accept, memory_size(state)
 
+  # A rejected pair goes to slot m, out of bounds, and is dropped: selecting between the new
+  # and the old slot instead would read the old slot into a buffer of its own.
+  target = jnp.where(accept, i, m)
+
   def write(memory, value):
-    return memory.at[i].set(jnp.where(accept, value.reshape(memory.shape[1:]), memory[i]))
+    return memory.at[target].set(value.reshape(memory.shape[1:]), mode="drop")
 
   return state._replace(
     s_memory=jax.tree.map(write, state.s_memory, pair.s),

@@ -302,7 +302,8 @@ def cg(
     rz = optax.tree.vdot(r, z)
     rr = optax.tree.vdot(r, r)
     if beta == "flexible":
-      beta_k = optax.tree.vdot(z, optax.tree.sub(r, c.r)) / c.rz
+      # r - c.r = -alpha A p: no need to keep the old residual alive next to the new one.
+      beta_k = -alpha * optax.tree.vdot(z, ap) / c.rz
     else:
       beta_k = rz / c.rz
     p = optax.tree.add_scale(z, beta_k, c.p)
