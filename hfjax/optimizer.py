@@ -98,7 +98,8 @@ class HessianFreeState(NamedTuple):
     warm_start: the last CG solution; the next solve starts from ``warm_start_decay`` times it.
     lbfgs: L-BFGS pairs from the previous solve (``lbfgs_pairs="previous"``), else ``None``.
     key: PRNG key (for the Jacobi preconditioner's Rademacher vectors).
-    sampling: sample sizes for the next step (:class:`hfjax.SamplingState`).
+    sampling: sample sizes for the next step (:class:`hfjax.SamplingState`); ``None`` when
+      neither ``gradient_schedule`` nor ``curvature_schedule`` was given.
     info: diagnostics of the last step (:class:`HessianFreeInfo`).
   """
 
@@ -107,7 +108,7 @@ class HessianFreeState(NamedTuple):
   warm_start: Any
   lbfgs: LBFGSState | None
   key: jax.Array
-  sampling: sampling.SamplingState
+  sampling: sampling.SamplingState | None
   info: HessianFreeInfo
 
 
@@ -315,7 +316,7 @@ def hessian_free(
       warm_start=vector,
       lbfgs=lbfgs_init(params, memory_size) if keep_pairs else None,
       key=jax.random.key(seed),
-      sampling=sampling.sampling_init(gradient_schedule, curvature_schedule),
+      sampling=sampling.sampling_init(gradient_schedule, curvature_schedule) if tracked else None,
       info=info,
     )
 

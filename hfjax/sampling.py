@@ -221,7 +221,10 @@ def sample_sizes(state: Any) -> tuple[int, int]:
   g = optax.tree.get(state, "gradient_sample_size")
   c = optax.tree.get(state, "curvature_sample_size")
   if g is None or c is None:
-    raise ValueError("state holds no sampling schedule (is it a hessian_free state?).")
+    raise ValueError(
+      "state holds no sampling schedule: it is not a hessian_free state, or one made "
+      "without gradient_schedule and curvature_schedule (the caller picks the sizes then)."
+    )
   return int(g), int(c)
 
 

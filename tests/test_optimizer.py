@@ -463,8 +463,8 @@ NAMES = (
   "accepted",
   "chosen_iterate",
   "line_search_step",
-  "gradient_sample_size",
-  "curvature_sample_size",
+  "gradient_batch_size",
+  "curvature_batch_size",
   "lbfgs_pairs",
   "cg_stop_reason",
 )
@@ -480,6 +480,8 @@ def test_tree_get_finds_diagnostics_alone_and_in_chain():
     assert jnp.shape(value) == (), name
     assert optax.tree.get(chained, name) is value
   assert float(optax.tree.get(state, "damping")) == float(state.damping)
+  # Made without sampling schedules, the state tracks no sizes for the next step.
+  assert optax.tree.get(state, "gradient_sample_size") is None
   assert bool(optax.tree.get(state, "accepted"))
   assert int(optax.tree.get(state, "cg_steps")) >= 1
   assert int(optax.tree.get(state, "cg_stop_reason")) in set(hfjax.CGStopReason)

@@ -186,6 +186,11 @@ def test_sample_sizes_from_bare_and_chain_state():
   assert hfjax.sample_sizes(chain.init(params)) == (100, 10)
   with pytest.raises(ValueError, match="sampling"):
     hfjax.sample_sizes(optax.adam(1e-3).init(params))
+  # Without schedules the caller picks the sizes, and the state says it tracks none.
+  untracked = hfjax.hessian_free(_linear_apply, _logistic_loss).init(params)
+  assert untracked.sampling is None
+  with pytest.raises(ValueError, match="gradient_schedule and curvature_schedule"):
+    hfjax.sample_sizes(untracked)
 
 
 # BatchSampler
