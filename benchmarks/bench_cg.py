@@ -8,7 +8,9 @@ and linearises the model itself, once, so all of them pay the same one-off linea
 * Part a: the cost of a CG step beyond its matvec. ``hfjax.cg`` runs exactly ``--steps``
   steps (``tol=0``, ``residual_tol=0``) and is compared with a ``lax.fori_loop`` of as many
   products with the same matrix; the difference, per step, is divided by the cost of one
-  product (the slope between loops of 1 and ``--steps`` products).
+  product (the slope between loops of 1 and ``--steps`` products). Beside it, the floor of
+  any L-BFGS preconditioner: a loop that only reads the memory as often as a product must
+  (twice), timed per step against the same matvec.
 * Part b: steps and time to a relative residual ``--residual-tol`` against
   :func:`jax.scipy.sparse.linalg.cg` (same matrix, same cap). jax's CG reports no step
   count, so a separate untimed run counts its matvec calls with a host callback.
@@ -24,6 +26,7 @@ import argparse
 import functools
 
 import jax
+import jax.flatten_util
 import optax
 
 import hfjax
@@ -93,31 +96,55 @@ def relative_residual(params, batch, b, x, damping) -> float:
   return float(optax.tree.norm(r) / optax.tree.norm(b))
 
 
+def memory_passes(m: int, steps: int):
+  """A jitted loop of ``steps`` rounds of ``S^T r``, ``Y^T r`` and ``S u + Y w`` on flat
+  ``(m, n)`` memories: the memory traffic of one L-BFGS product, without its arithmetic."""
+
+  def run(s, y, r):
+    def body(_, r):
+      u, w = s @ r, y @ r
+      return 0.5 * r + 1e-3 * (u @ s + w @ y)
+
+    return jax.lax.fori_loop(0, steps, body, r)
+
+  return jax.jit(run)
+
+
 def part_a(args, params, batch, b) -> None:
   n, lam = args.steps, args.damping
   print(f"\n## a. CG cost per step beyond the matvec: {n} steps, lambda={lam}")
   loop_1, loop_n = common.matvec_loop(1, damping=lam), common.matvec_loop(n, damping=lam)
   exact = dict(tol=0.0, residual_tol=0.0, max_steps=n)
-  solvers = {
-    "none": cg_solver(lam, **exact),
-    "lbfgs10_in_solve": cg_solver(lam, memory=10, **exact),
-    "lbfgs10_fixed": cg_solver(lam, memory=10, update=False, **exact),
-  }
+  solvers = {"none": cg_solver(lam, **exact)}
+  for m in args.memories_a:
+    solvers[f"lbfgs{m}_in_solve"] = cg_solver(lam, memory=m, **exact)
+    solvers[f"lbfgs{m}_fixed"] = cg_solver(lam, memory=m, update=False, **exact)
   # The fixed (Morales-Nocedal) policy applies a memory from an earlier solve: take the pairs
-  # of an in-solve run so the two-loop recursion works on real pairs.
-  pairs = jax.jit(
-    lambda p, bt, rhs: (
-      hfjax.cg(
-        damped_matvec(p, bt, lam), rhs, preconditioner=hfjax.lbfgs_init(rhs, 10), **exact
-      ).preconditioner_state
-    )
-  )(params, batch, b)
-  calls = {
-    name: functools.partial(solver, params, batch, b, *([pairs] if "fixed" in name else []))
-    for name, solver in solvers.items()
+  # of an in-solve run so that it works on real pairs.
+  pairs = {
+    m: jax.jit(
+      lambda p, bt, rhs, m=m: (
+        hfjax.cg(
+          damped_matvec(p, bt, lam), rhs, preconditioner=hfjax.lbfgs_init(rhs, m), **exact
+        ).preconditioner_state
+      )
+    )(params, batch, b)
+    for m in args.memories_a
   }
+  calls = {"none": functools.partial(solvers["none"], params, batch, b)}
+  for m in args.memories_a:
+    calls[f"lbfgs{m}_in_solve"] = functools.partial(solvers[f"lbfgs{m}_in_solve"], params, batch, b)
+    calls[f"lbfgs{m}_fixed"] = functools.partial(
+      solvers[f"lbfgs{m}_fixed"], params, batch, b, pairs[m]
+    )
   fns = {"loop_1": lambda: loop_1(params, batch, b), f"loop_{n}": lambda: loop_n(params, batch, b)}
   fns |= {f"cg_{name}": call for name, call in calls.items()}
+  # The least any L-BFGS product can cost: one pass over each half of the memory for the
+  # inner products with r, one for the sums, with nothing else in the loop.
+  floors = {m: memory_passes(m, n) for m in args.memories_a}
+  flat_b = jax.flatten_util.ravel_pytree(b)[0]
+  memories = {m: jax.random.normal(jax.random.key(1), (2, m, flat_b.size)) for m in floors}
+  fns |= {f"passes_{m}": functools.partial(floors[m], *memories[m], flat_b) for m in floors}
   for name, call in calls.items():
     _, steps, stop = call()
     stop_name = hfjax.CGStopReason(int(stop)).name
@@ -148,6 +175,11 @@ def part_a(args, params, batch, b) -> None:
       f"{name:>24} {100 * med:6.1f}% [{100 * min(ratios):.1f}%, {100 * max(ratios):.1f}%]"
       f"  fastest times: {100 * from_fastest:.1f}%  goal <= 15%: {verdict}"
     )
+  print("\n### the floor: 4 passes over an L-BFGS memory of m pairs alone, per step / one matvec")
+  for m in floors:
+    ratios = [samples[f"passes_{m}"][r] / (n * slopes[r]) for r in range(args.repeats)]
+    low, high = 100 * min(ratios), 100 * max(ratios)
+    print(f"{'m = ' + str(m):>24} {100 * common.median(ratios):6.1f}% [{low:.1f}%, {high:.1f}%]")
 
 
 def part_b(args, params, batch, b) -> None:
@@ -291,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--damping", type=float, default=1.0, help="lambda of G + lambda I")
   parser.add_argument("--steps", type=int, default=10, help="a: CG steps per timed solve")
   parser.add_argument("--repeats", type=int, default=5, help="a: interleaved timing rounds")
+  parser.add_argument(
+    "--memories-a", type=int, nargs="+", default=[10, 5], help="a: L-BFGS memory sizes m"
+  )
   parser.add_argument("--residual-tol", type=float, default=0.1, help="b: relative residual")
   parser.add_argument("--max-steps", type=int, default=250, help="b: step cap of both solvers")
   parser.add_argument("--repeats-b", type=int, default=3, help="b: interleaved timing rounds")

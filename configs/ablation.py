@@ -10,23 +10,11 @@ sizes the methods differ in (``hfjax.experiments.ablation.task_config`` lists th
 count examples; 0 means the whole training set.
 """
 
-import importlib.util
-import pathlib
-
 from hfjax.experiments import ablation
 
 
-def _base(name):
-  # The config files are not a package; load a sibling by its path.
-  path = pathlib.Path(__file__).with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"hfjax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config():
-  curves = _base("curves_autoencoder")
+  curves = ablation.sibling_config(__file__, "curves_autoencoder")
   curves.dataset.num_train = 1024
   curves.dataset.num_test = 1000
   curves.eval_train_examples = 0
@@ -37,12 +25,12 @@ def get_config():
   # whose steps are dear (the per-example passes of Martens, Jacobi and the variance test).
   curves.budget_seconds = 45.0
 
-  digits = _base("digits_classifier")
+  digits = ablation.sibling_config(__file__, "digits_classifier")
   digits.eval_every = 1
   digits.num_steps = 200
   digits.budget_examples = 1_000_000
 
-  mnist = _base("mnist_autoencoder")
+  mnist = ablation.sibling_config(__file__, "mnist_autoencoder")
   mnist.eval_train_examples = 10000
   mnist.eval_every = 1
   mnist.num_steps = 100

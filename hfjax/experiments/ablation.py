@@ -31,8 +31,10 @@ config is not repeated, so an interrupted ablation continues where it stopped.
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -172,6 +174,19 @@ def task_config(base: ml_collections.ConfigDict, **settings) -> ml_collections.C
   task.log_plot = True
   task.update(settings)
   return task
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of ``<name>.py`` in the folder of ``config_file``.
+
+  Config files are not a package, so an ablation config loads the training configs it
+  builds on by path: ``sibling_config(__file__, "curves_autoencoder")``.
+  """
+  path = pathlib.Path(config_file).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"hfjax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def ablation_config(**tasks: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -390,8 +405,15 @@ def goals(runs: dict[str, list[list[dict]]], rows: Sequence[Method], target: flo
   return notes
 
 
-def run_ablation(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> str:
-  """Runs every selected method of every task and seed; returns the markdown report."""
+def run_ablation(
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  command: str = "python -m hfjax.experiments.ablation --config configs/ablation.py",
+) -> str:
+  """Runs every selected method of every task and seed; returns the markdown report.
+
+  ``command`` is the command line the report names as its source.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   selected = [v.strip() for v in config.variants.split(",") if v.strip()]
@@ -442,8 +464,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     [
       "## Ablation",
       "",
-      "`python -m hfjax.experiments.ablation --config configs/ablation.py`: "
-      f"{trained} runs trained in {elapsed / 60:.1f} min (compilation and evaluation "
+      f"`{command}`: {trained} runs trained in {elapsed / 60:.1f} min (compilation and evaluation "
       "included), the others read back from the workdir. Times in the tables are training "
       "wall time, evaluation and compilation excluded; examples processed count forward and "
       "backward passes per example (`hfjax/experiments/train.py`). Mean ± standard "
@@ -497,7 +518,8 @@ def main(argv: list[str]) -> None:
   if flags.FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config configs/ablation.py")
   try:
-    report = run_ablation(flags.FLAGS.config, flags.FLAGS.workdir)
+    command = " ".join(["python -m hfjax.experiments.ablation", *sys.argv[1:]])
+    report = run_ablation(flags.FLAGS.config, flags.FLAGS.workdir, command)
   except (ValueError, TypeError, FileNotFoundError) as err:
     raise SystemExit(f"error: {err}") from None
   print(report)
