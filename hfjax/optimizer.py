@@ -71,6 +71,9 @@ class HessianFreeInfo(NamedTuple):
     lbfgs_pairs: L-BFGS pairs held after the solve.
     gradient_batch_size: examples in the gradient batch used.
     curvature_batch_size: examples in the curvature batch used.
+    backtracking_evaluations: losses evaluated by CG backtracking (recorded iterates
+      walked on ``validation_batch``, plus one on ``batch`` when that is another batch).
+    line_search_evaluations: losses evaluated by the line search beyond ``t = 1``.
   """
 
   rho: jax.Array
@@ -87,6 +90,8 @@ class HessianFreeInfo(NamedTuple):
   lbfgs_pairs: jax.Array
   gradient_batch_size: jax.Array
   curvature_batch_size: jax.Array
+  backtracking_evaluations: jax.Array
+  line_search_evaluations: jax.Array
 
 
 class HessianFreeState(NamedTuple):
@@ -309,6 +314,8 @@ def hessian_free(
       lbfgs_pairs=count(),
       gradient_batch_size=count(),
       curvature_batch_size=count(),
+      backtracking_evaluations=count(),
+      line_search_evaluations=count(),
     )
     return HessianFreeState(
       count=count(),
@@ -432,7 +439,7 @@ def hessian_free(
         better | (j == 0),
       )
 
-    _, best_j, best_val_f, _ = jax.lax.while_loop(
+    walked, best_j, best_val_f, _ = jax.lax.while_loop(
       back_cond,
       back_body,
       (jnp.int32(0), jnp.int32(0), jnp.asarray(jnp.inf, loss_dtype), jnp.array(True)),
@@ -462,7 +469,9 @@ def hessian_free(
       t = t * line_search.shrink
       return i + 1, t, _finite_or(batch_loss(optax.tree.scale(t, direction), batch), jnp.inf)
 
-    _, t, f_new = jax.lax.while_loop(search_cond, search_body, (jnp.int32(1), jnp.float32(1.0), f1))
+    tries, t, f_new = jax.lax.while_loop(
+      search_cond, search_body, (jnp.int32(1), jnp.float32(1.0), f1)
+    )
     accepted = inputs_ok & curvature_ok & sufficient(t, f_new) & all_finite(direction)
 
     rho = jnp.where(accepted, rho, -jnp.inf)
@@ -519,6 +528,8 @@ def hessian_free(
       lbfgs_pairs=lbfgs_pairs_held,
       gradient_batch_size=jnp.asarray(n_batch, jnp.int32),
       curvature_batch_size=jnp.asarray(n_curv, jnp.int32),
+      backtracking_evaluations=(walked + (validation_batch is not batch)).astype(jnp.int32),
+      line_search_evaluations=(tries - 1).astype(jnp.int32),
     )
     new_state = HessianFreeState(
       count=optax.safe_increment(state.count),

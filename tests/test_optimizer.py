@@ -678,3 +678,63 @@ def test_fresh_state_can_be_donated():
   expected, _ = jax.jit(step)({"b": jnp.asarray(0.0), "w": jnp.zeros(5)}, tx.init(params))
   chex.assert_trees_all_close(new_params, expected)
   assert int(state.count) == 1
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    {"line_search": hfjax.LineSearchConfig(armijo=0.9)},  # forces the line search to shrink
+    {"validation": True},
+    {"with_loss": True, "max_cg_steps": 3},
+  ],
+)
+def test_loss_evaluation_counters_match_counted_forward_passes(options):
+  # Every forward pass of the model inside the jitted update is counted on the host: one for
+  # the linearisation, one for f(theta) unless loss= is given, and one per loss evaluation of
+  # backtracking and the line search, which the counters must account for exactly.
+  options = dict(options)
+  validation, with_loss = options.pop("validation", False), options.pop("with_loss", False)
+  calls = []
+
+  def counting_apply(params, inputs):
+    jax.debug.callback(lambda: calls.append(1))
+    return _linear_apply(params, inputs)
+
+  x, y = _least_squares_data()
+  tx = hfjax.hessian_free(
+    counting_apply,
+    _squared_error,
+    preconditioner="none",
+    initial_damping=0.01,
+    **{"max_cg_steps": 8, **options},
+  )
+  update = jax.jit(
+    lambda g, s, p, b, c, v, f: tx.update(
+      g, s, p, batch=b, curvature_batch=c, validation_batch=v, loss=f
+    )
+  )
+  params = _zeros(5)
+  state = tx.init(params)
+  seen = set()
+  for _ in range(5):
+    loss, grads = jax.value_and_grad(lambda p: _squared_error(_linear_apply(p, x), y))(params)
+    calls.clear()
+    updates, state = update(
+      grads,
+      state,
+      params,
+      (x, y),
+      (x[:32], y[:32]),
+      (x[32:], y[32:]) if validation else None,
+      loss if with_loss else None,
+    )
+    jax.effects_barrier()
+    info = state.info
+    evaluations = int(info.backtracking_evaluations) + int(info.line_search_evaluations)
+    assert len(calls) == 1 + (not with_loss) + evaluations
+    assert 1 <= int(info.backtracking_evaluations)
+    seen.add((int(info.backtracking_evaluations), int(info.line_search_evaluations)))
+    params = optax.apply_updates(params, updates)
+  if "line_search" in options:
+    assert any(searched > 0 for _, searched in seen)
