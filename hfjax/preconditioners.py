@@ -136,17 +136,6 @@ def unflatten_memory(state: LBFGSState, like: Any) -> LBFGSState:
   return state._replace(s_memory=shaped(state.s_memory), y_memory=shaped(state.y_memory))
 
 
-def _inner_products(memory: Any, other: Any) -> jax.Array:
-  """:math:`[\\langle a_i, b_j \\rangle]` over the slots of two stacked memories, ``(m, k)``."""
-
-  def leaf(a, b):
-    b = b.reshape(b.shape[:1] + a.shape[1:]).astype(a.dtype)
-    axes = tuple(range(1, a.ndim))
-    return jnp.tensordot(a, b, axes=(axes, axes), precision=_HIGHEST)
-
-  return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf, memory, other)))
-
-
 def _project(memory: Any, v: Any) -> jax.Array:
   """The inner products of every slot of ``memory`` with ``v``, shape ``(m,)``.
 
@@ -160,6 +149,11 @@ def _project(memory: Any, v: Any) -> jax.Array:
     return jnp.tensordot(stored, x, axes=(axes, tuple(range(x.ndim))), precision=_HIGHEST)
 
   return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf, memory, v)))
+
+
+def _inner_products(memory: Any, other: Any) -> jax.Array:
+  """:math:`[\\langle a_i, b_j \\rangle]` over the slots of two stacked memories, ``(m, k)``."""
+  return jax.vmap(lambda b: _project(memory, b), out_axes=1)(other)
 
 
 def _combine(memory: Any, coefficients: jax.Array, like: Any) -> Any:
@@ -296,12 +290,7 @@ def lbfgs_store_pair(state: LBFGSState, s: Any, y: Any) -> LBFGSState:
 
 def lbfgs_refresh_products(state: LBFGSState) -> LBFGSState:
   """Takes the inner products of all stored pairs afresh (after :func:`lbfgs_store_pair`)."""
-  if state.initial_diagonal is None:
-    dy_memory = state.y_memory
-  else:
-    dy_memory = jax.tree.map(
-      lambda y, d: y * d.reshape(y.shape[1:]), state.y_memory, state.initial_diagonal
-    )
+  dy_memory = jax.vmap(functools.partial(_times_diagonal, state))(state.y_memory)
   return state._replace(
     sy_products=_inner_products(state.s_memory, state.y_memory).astype(state.sy_products.dtype),
     yy_products=_inner_products(state.y_memory, dy_memory).astype(state.yy_products.dtype),

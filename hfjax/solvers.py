@@ -214,9 +214,7 @@ def cg(
   is_lbfgs = isinstance(preconditioner, LBFGSState)
   if is_lbfgs:
     precond_state = flatten_memory(preconditioner)
-  elif preconditioner is None:
-    precond_state = None
-  elif callable(preconditioner):
+  elif preconditioner is None or callable(preconditioner):
     precond_state = None
   else:
     raise TypeError(
