@@ -9,13 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from hfjax import curvature, sampling
-from hfjax.preconditioners import (
-  LBFGSState,
-  all_finite,
-  as_accumulation,
-  diagonal_preconditioner,
-  lbfgs_init,
-)
+from hfjax._tree import all_finite, as_accumulation, finite_or
+from hfjax.preconditioners import LBFGSState, diagonal_preconditioner, lbfgs_init
 from hfjax.solvers import CGStopReason, cg
 
 PRECONDITIONERS = ("none", "martens", "jacobi", "lbfgs")
@@ -169,10 +164,6 @@ def _validate(**options) -> None:
       "gradient sample only (pass it as gradient_schedule)."
     )
   _positive_int("chunk_size", options["chunk_size"])
-
-
-def _finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
-  return jnp.where(jnp.isfinite(value), value, fallback)
 
 
 def hessian_free(
@@ -430,7 +421,7 @@ def hessian_free(
     def back_body(carry):
       j, best_j, best_f, _ = carry
       valid = result.iterate_steps[order[j]] >= 0
-      f = _finite_or(batch_loss(iterate(j), validation_batch), jnp.inf)
+      f = finite_or(batch_loss(iterate(j), validation_batch), jnp.inf)
       better = valid & (f < best_f)
       return (
         j + 1,
@@ -451,7 +442,7 @@ def hessian_free(
     if validation_batch is batch:
       f1 = best_val_f
     else:
-      f1 = _finite_or(batch_loss(direction, batch), jnp.inf)
+      f1 = finite_or(batch_loss(direction, batch), jnp.inf)
     rho = jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
 
     # Armijo line search on the chosen iterate; t = 1 is already evaluated.
@@ -467,7 +458,7 @@ def hessian_free(
     def search_body(carry):
       i, t, _ = carry
       t = t * line_search.shrink
-      return i + 1, t, _finite_or(batch_loss(optax.tree.scale(t, direction), batch), jnp.inf)
+      return i + 1, t, finite_or(batch_loss(optax.tree.scale(t, direction), batch), jnp.inf)
 
     tries, t, f_new = jax.lax.while_loop(
       search_cond, search_body, (jnp.int32(1), jnp.float32(1.0), f1)

@@ -13,21 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def accumulation_dtype(dtype: Any) -> jnp.dtype:
-  """The dtype that sums, dot products and stored vectors of ``dtype`` values use.
-
-  Half-precision values (float16, bfloat16) accumulate in float32; wider floats keep their
-  own precision.
-  """
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def as_accumulation(tree: Any) -> Any:
-  """Casts every leaf of ``tree`` to its :func:`accumulation_dtype`."""
-  return jax.tree.map(lambda x: jnp.asarray(x, accumulation_dtype(jnp.result_type(x))), tree)
+from hfjax._tree import HIGHEST, accumulation_dtype, all_finite, as_accumulation
 
 
 class LBFGSState(NamedTuple):
@@ -110,12 +96,6 @@ def memory_size(state: LBFGSState) -> int:
   return state.sy_products.shape[0]
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every value of every leaf of ``tree`` is finite (``True`` for no leaves)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def flatten_memory(state: LBFGSState) -> LBFGSState:
   """The same memory with each leaf stored as ``(m, size)`` instead of ``(m, *shape)``.
 
@@ -146,7 +126,7 @@ def _project(memory: Any, v: Any) -> jax.Array:
   def leaf(stored, x):
     axes = tuple(range(1, stored.ndim))
     x = x.reshape(stored.shape[1:]).astype(stored.dtype)
-    return jnp.tensordot(stored, x, axes=(axes, tuple(range(x.ndim))), precision=_HIGHEST)
+    return jnp.tensordot(stored, x, axes=(axes, tuple(range(x.ndim))), precision=HIGHEST)
 
   return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf, memory, v)))
 
@@ -160,7 +140,7 @@ def _combine(memory: Any, coefficients: jax.Array, like: Any) -> Any:
   """:math:`\\sum_j c_j` ``memory[j]``, shaped like ``like``."""
   return jax.tree.map(
     lambda stored, v: jnp.tensordot(
-      coefficients.astype(stored.dtype), stored, 1, precision=_HIGHEST
+      coefficients.astype(stored.dtype), stored, 1, precision=HIGHEST
     ).reshape(jnp.shape(v)),
     memory,
     like,
@@ -321,7 +301,7 @@ def _apply_projected(state: LBFGSState, v: Any, projections: LBFGSProjections) -
   a = jnp.where(valid, s_v[order].astype(sy.dtype), 0)
   c = scale * jnp.where(valid, y_dv[order].astype(sy.dtype), 0)
   minus_u2 = jax.scipy.linalg.solve_triangular(r, a, lower=False)
-  t = jnp.where(valid, sy_diagonal, 0) * minus_u2 + jnp.matmul(ydy, minus_u2, precision=_HIGHEST)
+  t = jnp.where(valid, sy_diagonal, 0) * minus_u2 + jnp.matmul(ydy, minus_u2, precision=HIGHEST)
   u1 = jax.scipy.linalg.solve_triangular(r, t - c, lower=False, trans="T")
   # Back from time order to slots.
   u1 = jnp.zeros_like(u1).at[order].set(u1)

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hfjax._tree import as_accumulation
 from hfjax.preconditioners import (
   LBFGSProjections,
   LBFGSState,
-  as_accumulation,
   flatten_memory,
   lbfgs_apply,
   lbfgs_init,
