@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -111,6 +112,8 @@ _CALL_BODIES = {
 }
 # Equations that pass a value through unchanged but for its dtype.
 _CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
+# Equations that only move or repeat the elements of a value.
+_RESHAPES = frozenset({"transpose", "broadcast_in_dim", "reshape", "squeeze"})
 
 
 def _call_body(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr, Sequence[Any]] | None:
@@ -147,7 +150,7 @@ class _Bias(NamedTuple):
 
 
 class _Leaf(NamedTuple):
-  """Any other parameter leaf, possibly cast."""
+  """Any other parameter leaf, or a parameter reshaped into no kernel or bias."""
 
   leaf: int
 
@@ -215,13 +218,8 @@ class _Analysis:
       return self.run(body[0], ins, path)
     if name in _CASTS:
       return [ins[0]]
-    if name == "transpose" and isinstance(ins[0], _Kernel):
-      flip = tuple(eqn.params["permutation"]) == (1, 0)
-      return [ins[0]._replace(transposed=ins[0].transposed != flip)]
-    if isinstance(ins[0], _Bias) and len(ins) == 1:
-      view = _bias_view(eqn, ins[0])
-      if view is not None:
-        return [view]
+    if name in _RESHAPES and len(ins) == 1 and isinstance(ins[0], _ParamView):
+      return [_reshaped(eqn, ins[0])]
     what = name
     if name == "dot_general":
       found = self._dot(eqn, ins, path)
@@ -243,7 +241,7 @@ class _Analysis:
     if all(is_param):
       return "dot_general of two parameters"
     if not isinstance(ins[is_param.index(True)], _Kernel):
-      return "dot_general with a parameter of other than 2 dimensions"
+      return "dot_general with a parameter that is not a 2-D kernel"
     k = is_param.index(True)
     kernel, x_aval, out_aval = ins[k], eqn.invars[1 - k].aval, eqn.outvars[0].aval
     (contracting, batch) = eqn.params["dimension_numbers"]
@@ -279,29 +277,50 @@ class _Analysis:
       return False
     j = kinds.index(_DotOutput)
     dot_output, bias = ins[j], ins[1 - j]
-    same_shape = eqn.outvars[0].aval.shape == eqn.invars[j].aval.shape
+    dot_shape = eqn.invars[j].aval.shape
     feature_axis = self.dots[dot_output.dot].feature_axis
-    if not same_shape or bias.axis not in (None, feature_axis):
+    # A bias of length d_out varies along the dot's feature axis only and does not broadcast
+    # the dot's output to a larger shape; a length-1 bias fits only a one-unit layer.
+    along = bias.axis == feature_axis if bias.axis is not None else dot_shape[feature_axis] == 1
+    if not along or eqn.outvars[0].aval.shape != dot_shape:
       return False
     self.use(bias, _Use("bias", "a bias add", dot=dot_output.dot))
     self.use(dot_output, _Use("bias", "a bias add", leaf=bias.leaf))
     return True
 
 
+def _reshaped(eqn: jex.JaxprEqn, param: _ParamView) -> _ParamView:
+  """What a transpose, broadcast, reshape or squeeze of a parameter view is.
+
+  A transposed kernel is still a kernel and a broadcast bias still a bias; anything else is
+  only followed to name the operation that uses it in messages.
+  """
+  if isinstance(param, _Kernel) and eqn.primitive.name == "transpose":
+    flip = tuple(eqn.params["permutation"]) == (1, 0)
+    return param._replace(transposed=param.transposed != flip)
+  if isinstance(param, _Bias):
+    view = _bias_view(eqn, param)
+    if view is not None:
+      return view
+  return _Leaf(param.leaf)
+
+
 def _bias_view(eqn: jex.JaxprEqn, bias: _Bias) -> _Bias | None:
-  """What a broadcast, reshape or squeeze of a bias is, or ``None`` if it is no bias view."""
-  name = eqn.primitive.name
-  if bias.axis is None and name in ("broadcast_in_dim", "reshape", "squeeze"):
+  """What a transpose, broadcast, reshape or squeeze of a bias is; ``None`` if no bias."""
+  name, axis = eqn.primitive.name, bias.axis
+  if axis is None:  # a length-1 bias stays constant whatever its shape
     return bias
+  if name == "transpose":
+    return bias._replace(axis=tuple(eqn.params["permutation"]).index(axis))
   if name == "broadcast_in_dim":
-    return bias._replace(axis=eqn.params["broadcast_dimensions"][bias.axis])
+    return bias._replace(axis=eqn.params["broadcast_dimensions"][axis])
   if name == "squeeze":
-    return bias._replace(axis=bias.axis - sum(d < bias.axis for d in eqn.params["dimensions"]))
-  if name == "reshape" and len(eqn.invars) == 1:
-    old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-    size = old[bias.axis]
-    if sum(old) - size == len(old) - 1 and new.count(size) == 1 and sum(new) - size == len(new) - 1:
-      return bias._replace(axis=new.index(size))
+    return bias._replace(axis=axis - sum(d < axis for d in eqn.params["dimensions"]))
+  old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  size = old[axis]
+  # A reshape keeps a bias if the bias's axis is the only one of size other than 1.
+  if math.prod(old) == size and new.count(size) == 1 and math.prod(new) == size:
+    return bias._replace(axis=new.index(size))
   return None
 
 
