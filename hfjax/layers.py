@@ -248,8 +248,9 @@ class _Analysis:
     kernel_axes, x_axes = tuple(contracting[k]), tuple(contracting[1 - k])
     if batch[0] or batch[1] or len(kernel_axes) != 1 or x_axes != (x_aval.ndim - 1,):
       return (
-        f"dot_general contracting kernel axes {kernel_axes} with input axes {x_axes} of "
-        f"{x_aval.ndim} (a dense layer contracts one kernel axis with the input's last)"
+        f"dot_general contracting kernel axes {kernel_axes} with axes {x_axes} of a "
+        f"{x_aval.ndim}-D input (a dense layer contracts one kernel axis with the input's "
+        "last axis)"
       )
     if not jnp.issubdtype(out_aval.dtype, jnp.inexact):
       return f"dot_general with a {out_aval.dtype} output"

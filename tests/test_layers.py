@@ -64,6 +64,12 @@ def assert_statistics(apply_fn, params, inputs, layout, rtol=1e-5, atol=1e-5):
   return outputs, activations, cotangents
 
 
+def assert_unmatched(layout, params, reasons):
+  """The unmatched leaves of ``layout`` are those at the paths of ``reasons``, for these."""
+  expected = sorted((leaf_index(params, path), f"{path}: {why}") for path, why in reasons.items())
+  assert list(zip(layout.unmatched, layout.reasons, strict=True)) == expected
+
+
 # A plain pytree MLP, and the same MLP with explicit pre-activation perturbations.
 
 
@@ -263,10 +269,13 @@ def test_nnx_model_through_split_and_merge():
     layers.DenseLayer(index("['out']['kernel'].value"), None, 0, "['out']['kernel'].value"),
   )
   # LayerNorm's scale multiplies and its bias is added to a normalised value, not to a dot.
-  assert layout.unmatched == (index("['norm']['bias'].value"), index("['norm']['scale'].value"))
-  assert layout.reasons == (
-    "['norm']['bias'].value: not in a dense layer: used by add",
-    "['norm']['scale'].value: not in a dense layer: used by mul",
+  assert_unmatched(
+    layout,
+    params,
+    {
+      "['norm']['bias'].value": "not in a dense layer: used by add",
+      "['norm']['scale'].value": "not in a dense layer: used by mul",
+    },
   )
   assert_statistics(apply_fn, params, x, layout)
 
@@ -356,27 +365,51 @@ def custom_dense(x, w):
 custom_dense.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
 
 
+@jax.custom_jvp
+def tanh_dense(x, w, b):
+  return jnp.tanh(x @ w + b)
+
+
+@tanh_dense.defjvp
+def _tanh_dense_jvp(primals, tangents):
+  (x, w, b), (dx, dw, db) = primals, tangents
+  y = tanh_dense(x, w, b)
+  return y, (1 - y**2) * (dx @ w + x @ dw + db)
+
+
 def nested_apply(params, x):
   # The same jitted function twice (one jaxpr, two call sites), a layer inside a checkpoint
-  # whose bias is added outside it, and one inside a custom_vjp.
+  # whose bias is added outside it, one inside a custom_jvp and one inside a custom_vjp.
   h = jnp.tanh(jitted_dense(x, params[0]["w"], params[0]["b"]))
   h = jnp.tanh(jitted_dense(h, params[1]["w"], params[1]["b"]))
   h = jnp.tanh(jax.checkpoint(lambda h: h @ params[2]["w"])(h) + params[2]["b"])
-  return jax.jit(lambda h: custom_dense(h, params[3]["w"]) + params[3]["b"])(h)
+  h = tanh_dense(h, params[3]["w"], params[3]["b"])
+  return jax.jit(lambda h: custom_dense(h, params[4]["w"]) + params[4]["b"])(h)
 
 
-def test_layers_inside_jit_checkpoint_and_custom_vjp():
-  params = init_mlp((4, 4, 4, 3, 2))
+def test_layers_inside_jit_checkpoint_and_custom_derivatives():
+  params = init_mlp((4, 4, 4, 4, 3, 2))
   x = jax.random.normal(jax.random.key(0), (5, 4))
   layout = layers.find_dense_layers(nested_apply, params, x)
   assert layout == layers.find_dense_layers(mlp, params, x)
-  assert len(layout.layers) == 4 and all(layer.bias is not None for layer in layout.layers)
+  assert len(layout.layers) == 5 and all(layer.bias is not None for layer in layout.layers)
   assert_statistics(nested_apply, params, x, layout)
   # Capture is independent of how the model is written.
   _, _, plain_a, plain_g, _ = statistics_and_gradients(mlp, params, x, layout)
   _, _, nested_a, nested_g, _ = statistics_and_gradients(nested_apply, params, x, layout)
   for got, expected in zip(nested_a + nested_g, plain_a + plain_g, strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subset_of_the_layers():
+  params = init_mlp((5, 4, 3, 2))
+  x = jax.random.normal(jax.random.key(0), (6, 5))
+  layout = layers.find_dense_layers(mlp, params, x)
+  _, _, all_a, all_g, _ = statistics_and_gradients(mlp, params, x, layout)
+  subset = layout._replace(layers=layout.layers[2:0:-1])
+  _, _, some_a, some_g, _ = statistics_and_gradients(mlp, params, x, subset)
+  for got, expected in zip(some_a + some_g, all_a[2:0:-1] + all_g[2:0:-1], strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 # What falls back to the diagonal, and why.
@@ -399,10 +432,16 @@ def test_tied_weights_autoencoder():
   layout = layers.find_dense_layers(apply_fn, params, x)
   # Leaves: dec_bias, enc_bias, head.w, w.
   assert layout.layers == (layers.DenseLayer(2, None, 0, "['head']['w']"),)
-  assert layout.unmatched == (0, 1, 3)
-  assert layout.reasons[0] == "['dec_bias']: the bias of ['w'], whose kernel is unmatched"
-  assert layout.reasons[1] == "['enc_bias']: the bias of ['w'], whose kernel is unmatched"
-  assert layout.reasons[2].startswith("['w']: shared by 2 dense layers (tied weights")
+  assert_unmatched(
+    layout,
+    params,
+    {
+      "['dec_bias']": "the bias of ['w'], whose kernel is unmatched",
+      "['enc_bias']": "the bias of ['w'], whose kernel is unmatched",
+      "['w']": "shared by 2 dense layers (tied weights: the curvature block is a sum of "
+      "Kronecker products, one per use, not one Kronecker product)",
+    },
+  )
   assert_statistics(apply_fn, params, x, layout)
 
 
@@ -425,16 +464,19 @@ def test_convolution_kernel_falls_back_and_dense_head_is_matched():
       index("['head']['kernel']"), index("['head']['bias']"), 0, "['head']['kernel']"
     ),
   )
-  assert layout.unmatched == (index("['conv']['bias']"), index("['conv']['kernel']"))
-  assert layout.reasons == (
-    "['conv']['bias']: not in a dense layer: used by add",
-    "['conv']['kernel']: not in a dense layer: used by conv_general_dilated",
+  assert_unmatched(
+    layout,
+    params,
+    {
+      "['conv']['bias']": "not in a dense layer: used by add",
+      "['conv']['kernel']": "not in a dense layer: used by conv_general_dilated",
+    },
   )
   assert_statistics(apply_fn, params, x, layout)
 
 
 def test_reasons_for_other_parameters():
-  keys = iter(jax.random.split(jax.random.key(0), 10))
+  keys = iter(jax.random.split(jax.random.key(0), 11))
   normal = lambda shape: jax.random.normal(next(keys), shape)
   params = {
     "embedding": normal((5, 3)),  # gather
@@ -447,6 +489,7 @@ def test_reasons_for_other_parameters():
     "columns": normal((2, 3)),  # contracts the input's first axis
     "offset": normal(()),
     "unused": normal((2,)),
+    "recurrent": normal((2, 2)),  # a kernel inside a scan body
   }
 
   def apply_fn(p, ids):
@@ -454,7 +497,8 @@ def test_reasons_for_other_parameters():
     z2 = (x @ p["w1"]) @ p["w2"]
     h = jnp.tanh(z2 + p["b2"]) * p["scale"] + z2
     out = h @ p["w3"] + p["b3"]
-    return out + jnp.sum(p["w1"] ** 2) + jnp.sum(p["columns"] @ x.T) + p["offset"]
+    loop = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["recurrent"]), None), out, None, 3)[0]
+    return loop + jnp.sum(p["w1"] ** 2) + jnp.sum(p["columns"] @ x.T) + p["offset"]
 
   ids = jnp.array([0, 3, 4, 1])
   layout = layers.find_dense_layers(apply_fn, params, ids)
@@ -463,34 +507,24 @@ def test_reasons_for_other_parameters():
     layers.DenseLayer(index("['w2']"), None, 0, "['w2']"),
     layers.DenseLayer(index("['w3']"), index("['b3']"), 0, "['w3']"),
   )
-  reasons = dict(zip(layout.unmatched, layout.reasons, strict=True))
-  assert set(reasons) == {
-    index(k)
-    for k in (
-      "['embedding']",
-      "['w1']",
-      "['b2']",
-      "['scale']",
-      "['columns']",
-      "['offset']",
-      "['unused']",
-    )
-  }
-  assert reasons[index("['embedding']")] == "['embedding']: not in a dense layer: used by gather"
-  assert reasons[index("['w1']")] == (
-    "['w1']: the kernel of a dense layer but also used by integer_pow, so its curvature "
-    "block is not one Kronecker product"
+  assert_unmatched(
+    layout,
+    params,
+    {
+      "['embedding']": "not in a dense layer: used by gather",
+      "['w1']": "the kernel of a dense layer but also used by integer_pow, so its curvature "
+      "block is not one Kronecker product",
+      "['b2']": "the bias of ['w2'], whose output is also used by add before the bias add, so "
+      "the bias gradient is not the sum of that layer's output cotangent",
+      "['scale']": "not in a dense layer: used by mul",
+      "['columns']": "not in a dense layer: used by dot_general contracting kernel axes (1,) "
+      "with axes (0,) of a 2-D input (a dense layer contracts one kernel axis with the "
+      "input's last axis)",
+      "['offset']": "not in a dense layer: used by add",
+      "['unused']": "not used by apply_fn",
+      "['recurrent']": "not in a dense layer: used by scan",
+    },
   )
-  assert reasons[index("['b2']")].startswith(
-    "['b2']: the bias of ['w2'], whose output is also used by add before the bias add"
-  )
-  assert reasons[index("['scale']")] == "['scale']: not in a dense layer: used by mul"
-  assert reasons[index("['columns']")].startswith(
-    "['columns']: not in a dense layer: used by dot_general contracting kernel axes (1,) "
-    "with input axes (0,)"
-  )
-  assert reasons[index("['offset']")] == "['offset']: not in a dense layer: used by add"
-  assert reasons[index("['unused']")] == "['unused']: not used by apply_fn"
   assert_statistics(apply_fn, params, ids, layout)
 
 
@@ -503,7 +537,7 @@ def test_length_one_parameter_is_a_bias_only_of_a_one_unit_layer():
     layers.DenseLayer(3, None, 0, "['w']"),
     layers.DenseLayer(2, 1, 0, "['v']"),
   )
-  assert layout.reasons == ("['c']: not in a dense layer: used by add",)
+  assert_unmatched(layout, params, {"['c']": "not in a dense layer: used by add"})
 
 
 # Bad input.
