@@ -94,8 +94,10 @@ def test_summary_ratios_are_to_the_best_peer_at_each_time():
   assert by_method["kfac_jax"][10.0] is None
   assert by_method["kfac_jax"][("ratio", 10.0)] is None
   table = compare.markdown_table(rows, [5.0, 10.0])
-  assert "| hf | 30.00 | 10 | 0.50 | 45.00 | 20 | 1.12 |" in table
-  assert "| kfac_jax | 70.00 | 10 | 1.17 | - | - | - |" in table
+  assert "| hf | 30.00 (5.2 s) | 10 | 0.50 | 45.00 (10.4 s) | 20 | 1.12 |" in table
+  assert "| kfac_jax | 70.00 (5.2 s) | 10 | 1.17 | - | - | - |" in table
+  on_time = compare.markdown_table(compare.summarize(results, [5.2]), [5.2])
+  assert "| hf | 30.00 | 10 | 0.50 |" in on_time
 
 
 def test_hf_options_merge_flags_json_and_configs():
