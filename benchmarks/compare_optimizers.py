@@ -545,6 +545,10 @@ def main(argv: Sequence[str]) -> None:
         notes.append(note)
   notes.append(check_same_start(results))
   rows = summarize(results, reports)
+  for t in reports:
+    adam = [row for row in rows if row["method"].startswith("adam") and row[t] is not None]
+    if adam:
+      notes.append(f"best Adam at {t:g} s: {min(adam, key=lambda row: row[t][0])['method']}.")
   print(markdown_table(rows, reports))
   print()
   print(f"hf options: {options}; problem {problem.fingerprint}.")

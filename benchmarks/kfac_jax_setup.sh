@@ -9,12 +9,14 @@
 # Usage (from anywhere; only PyPI is needed):
 #   bash benchmarks/kfac_jax_setup.sh
 # Re-running it is cheap: pip leaves what is already installed at the pinned versions alone.
-# PYTHON=python3.12 picks another interpreter for a new virtualenv (default: python3).
+# PYTHON=python3.12 picks another interpreter for a new virtualenv (default: python3);
+# JAX_EXTRA=cuda12 installs jax[cuda12]==0.8.2, for a GPU (default: the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv-kfac
 PYTHON="${PYTHON:-python3}"
+JAX="jax${JAX_EXTRA:+[$JAX_EXTRA]}"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
@@ -28,7 +30,7 @@ CONSTRAINTS="$VENV/constraints.txt"
 printf 'jax==0.8.2\njaxlib==0.8.2\nkfac-jax==0.0.8\n' >"$CONSTRAINTS"
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install -c "$CONSTRAINTS" \
-  jax jaxlib kfac-jax optax flax chex numpy absl-py
+  "$JAX" jaxlib kfac-jax optax flax chex numpy absl-py
 "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps -e .
 
 "$VENV/bin/python" - <<'EOF'

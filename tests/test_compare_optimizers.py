@@ -162,6 +162,7 @@ def test_command_line_writes_table_and_json_and_skips_missing_kfac_jax(tmp_path)
   assert result.returncode == 0, result.stderr
   assert "| adam lr=0.001 |" in result.stdout and "| hf |" in result.stdout
   assert "kfac_jax skipped" in result.stdout
+  assert "best Adam at 0.5 s: adam lr=0.001." in result.stdout
   summary = json.loads(out.read_text())
   assert set(summary["results"]) == {"adam lr=0.001", "hf"}
   assert summary["flags"]["hf_max_cg_steps"] == 3
