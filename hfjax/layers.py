@@ -30,8 +30,8 @@ layer is listed in :attr:`LayerLayout.unmatched` with a reason, for a diagonal f
   embedding tables (``gather``), normalisation scales and offsets, parameters used inside
   ``scan``/``while``/``cond`` bodies, parameters returned as outputs;
 - a bias whose kernel is unmatched, a bias also used elsewhere, and a bias added to a dot
-  output that is also used before the add (the bias gradient is then not the sum of that
-  layer's output cotangent).
+  output that is also used elsewhere (the bias gradient is then not the sum of that layer's
+  output cotangent).
 
 Example:
 
@@ -331,7 +331,6 @@ class _Traced(NamedTuple):
   jaxpr: jex.ClosedJaxpr
   out_tree: Any
   analysis: _Analysis
-  paths: tuple[str, ...]  # keystr of every parameter leaf
   layout: LayerLayout
   dots: dict[int, int]  # kernel leaf -> dot number, for the layers of `layout`
 
@@ -359,7 +358,7 @@ def _trace(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> _Tr
   for o in outputs:
     analysis.use(o, _Use("other", "the outputs of apply_fn"))
   layout, dots = _layout(analysis, paths)
-  return _Traced(closed, jax.tree.structure(out_shapes), analysis, paths, layout, dots)
+  return _Traced(closed, jax.tree.structure(out_shapes), analysis, layout, dots)
 
 
 def _layout(analysis: _Analysis, paths: Sequence[str]) -> tuple[LayerLayout, dict[int, int]]:
@@ -410,10 +409,10 @@ def _reason(analysis: _Analysis, paths: Sequence[str], leaf: int) -> str:
     kernel = analysis.dots[dot].kernel
     if len(analysis.leaf_uses[kernel]) != 1:
       return f"the bias of {paths[kernel]}, whose kernel is unmatched"
+    elsewhere = [use for use in analysis.dot_uses[dot] if use.leaf != leaf]
     return (
-      f"the bias of {paths[kernel]}, whose output is also used by "
-      f"{_describe([u for u in analysis.dot_uses[dot] if u.kind != 'bias'])} before the "
-      "bias add, so the bias gradient is not the sum of that layer's output cotangent"
+      f"the bias of {paths[kernel]}, whose output is also used by {_describe(elsewhere)}, "
+      "so the bias gradient is not the sum of that layer's output cotangent"
     )
   return f"not in a dense layer: used by {_describe(uses)}"
 

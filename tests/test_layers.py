@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -39,7 +40,7 @@ def statistics_and_gradients(apply_fn, params, inputs, layout):
   """layer_statistics with a random output cotangent u, and the true gradients for u."""
   outputs, activations, backward = layers.layer_statistics(apply_fn, params, inputs, layout)
   u = random_like(outputs, seed=1)
-  grads = jax.grad(lambda p: jnp.vdot(u, apply_fn(p, inputs)))(params)
+  grads = jax.grad(lambda p: optax.tree.vdot(u, apply_fn(p, inputs)))(params)
   return outputs, apply_fn(params, inputs), activations, backward(u), jax.tree.leaves(grads)
 
 
@@ -48,7 +49,8 @@ def assert_statistics(apply_fn, params, inputs, layout, rtol=1e-5, atol=1e-5):
   outputs, expected, activations, cotangents, grads = statistics_and_gradients(
     apply_fn, params, inputs, layout
   )
-  np.testing.assert_allclose(outputs, expected, rtol=rtol, atol=atol)
+  close = functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol)
+  jax.tree.map(close, outputs, expected)
   assert len(activations) == len(cotangents) == len(layout.layers)
   leaves = jax.tree.leaves(params)
   for layer, a, g in zip(layout.layers, activations, cotangents, strict=True):
@@ -58,9 +60,9 @@ def assert_statistics(apply_fn, params, inputs, layout, rtol=1e-5, atol=1e-5):
     a2 = np.asarray(a, np.float64).reshape(-1, d_in)
     g2 = np.asarray(g, np.float64).reshape(-1, d_out)
     kernel_grad = a2.T @ g2 if layer.kernel_in_axis == 0 else g2.T @ a2
-    np.testing.assert_allclose(kernel_grad, grads[layer.kernel], rtol=rtol, atol=atol)
+    close(kernel_grad, grads[layer.kernel])
     if layer.bias is not None:
-      np.testing.assert_allclose(g2.sum(0), grads[layer.bias], rtol=rtol, atol=atol)
+      close(g2.sum(0), grads[layer.bias])
   return outputs, activations, cotangents
 
 
@@ -157,8 +159,8 @@ def test_statistics_under_jit_with_layout_as_static_data():
 
   eager = layers.layer_statistics(mlp, params, x, layout)
   jitted = statistics(params, x, u, layout=layout)
-  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
-  jax.tree.map(chex_close, jitted, (eager[0], eager[1], eager[2](u)))
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
+  jax.tree.map(close, jitted, (eager[0], eager[1], eager[2](u)))
 
 
 def test_find_dense_layers_on_abstract_values_and_tracers():
@@ -412,6 +414,27 @@ def test_a_subset_of_the_layers():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def test_pytree_outputs_and_a_model_without_dense_layers():
+  params = init_mlp((3, 4, 2))
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+
+  def two_outputs(p, x):
+    hidden = jnp.tanh(x @ p[0]["w"] + p[0]["b"])
+    return {"hidden": hidden, "out": hidden @ p[1]["w"] + p[1]["b"]}
+
+  layout = layers.find_dense_layers(two_outputs, params, x)
+  # The first layer's pre-activation feeds both outputs; its cotangent sums both paths.
+  assert len(layout.layers) == 2 and layout.unmatched == ()
+  assert_statistics(two_outputs, params, x, layout)
+  elementwise = lambda p, x: jnp.sin(x * p["scale"])
+  params = {"scale": jnp.arange(3.0)}
+  layout = layers.find_dense_layers(elementwise, params, x)
+  assert layout.layers == () and layout.unmatched == (0,)
+  outputs, activations, backward = layers.layer_statistics(elementwise, params, x, layout)
+  np.testing.assert_array_equal(outputs, elementwise(params, x))
+  assert activations == () and backward(outputs) == ()
+
+
 # What falls back to the diagonal, and why.
 
 
@@ -514,8 +537,8 @@ def test_reasons_for_other_parameters():
       "['embedding']": "not in a dense layer: used by gather",
       "['w1']": "the kernel of a dense layer but also used by integer_pow, so its curvature "
       "block is not one Kronecker product",
-      "['b2']": "the bias of ['w2'], whose output is also used by add before the bias add, so "
-      "the bias gradient is not the sum of that layer's output cotangent",
+      "['b2']": "the bias of ['w2'], whose output is also used by add, so the bias gradient "
+      "is not the sum of that layer's output cotangent",
       "['scale']": "not in a dense layer: used by mul",
       "['columns']": "not in a dense layer: used by dot_general contracting kernel axes (1,) "
       "with axes (0,) of a 2-D input (a dense layer contracts one kernel axis with the "
