@@ -16,16 +16,11 @@ from hfjax.optimizer import (
   hessian_free,
 )
 from hfjax.preconditioners import (
-  LBFGSProjections,
   LBFGSState,
   diagonal_preconditioner,
   lbfgs_apply,
   lbfgs_init,
-  lbfgs_project,
-  lbfgs_refresh_products,
-  lbfgs_store_pair,
   lbfgs_update,
-  lbfgs_update_and_apply,
 )
 from hfjax.sampling import (
   BatchSampler,
@@ -55,7 +50,6 @@ __all__ = (
   "variance_test_schedule",
   "CGResult",
   "CGStopReason",
-  "LBFGSProjections",
   "LBFGSState",
   "cg",
   "diagonal_preconditioner",
@@ -64,11 +58,7 @@ __all__ = (
   "hessian_matvec",
   "lbfgs_apply",
   "lbfgs_init",
-  "lbfgs_project",
-  "lbfgs_refresh_products",
-  "lbfgs_store_pair",
   "lbfgs_update",
-  "lbfgs_update_and_apply",
   "martens_record_steps",
   "per_example_sum",
   "sharding",

@@ -7,6 +7,7 @@ callable ``r -> z`` or an :class:`LBFGSState`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -160,7 +161,8 @@ class LBFGSProjections(NamedTuple):
   Attributes:
     s_v: :math:`S^\\top v`, shape ``(m,)``.
     y_dv: :math:`Y^\\top D v`, shape ``(m,)``, :math:`D` the ``initial_diagonal`` or the
-      identity.
+      identity; over a memory prepared for a callable :math:`H_0` (:func:`_with_initial`),
+      :math:`(H_0 Y)^\\top v = Y^\\top H_0 v`.
   """
 
   s_v: jax.Array
@@ -179,40 +181,93 @@ def lbfgs_project(state: LBFGSState, v: Any) -> LBFGSProjections:
   )
 
 
+def _times_initial(initial: Callable[[Any], Any], v: Any) -> Any:
+  """:math:`H_0 v` for a callable :math:`H_0`, in the dtypes of ``v``."""
+  return optax.tree.cast_like(initial(v), v)
+
+
+def _initial_times_y(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -> Any:
+  """:math:`H_0 y_j` for every stored slot (zeros in an empty one), one slot at a time.
+
+  Each :math:`y_j` is shaped like ``like`` for ``initial``, whatever the memory's layout.
+  """
+
+  def one(slot_and_stored):
+    y, stored = slot_and_stored
+    shaped = jax.tree.map(lambda x, v: x.reshape(jnp.shape(v)), y, like)
+    h0_y = jax.lax.cond(
+      stored, functools.partial(_times_initial, initial), optax.tree.zeros_like, shaped
+    )
+    return jax.tree.map(lambda h, x: h.reshape(x.shape), h0_y, y)
+
+  return jax.lax.map(one, (state.y_memory, jnp.diagonal(state.sy_products) > 0))
+
+
+def _with_initial(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -> LBFGSState:
+  """The memory as the compact form reads it with a callable :math:`H_0`.
+
+  :math:`H = H_0 + [S, H_0 Y]\\, W\\, [S, H_0 Y]^\\top` needs :math:`H_0 Y`, never
+  :math:`Y` itself: the returned state holds :math:`H_0 y_j` in ``y_memory`` and
+  :math:`y_i^\\top H_0 y_j` in ``yy_products``, at the cost of one :math:`H_0` product per
+  slot. Its :func:`lbfgs_project` gives :math:`Y^\\top H_0 v`.
+  """
+  if state.initial_diagonal is not None:
+    raise ValueError(
+      "an L-BFGS state with an initial_diagonal takes no callable initial matrix as well; "
+      "give one of them."
+    )
+  h0_y = _initial_times_y(state, initial, like)
+  yy = _inner_products(state.y_memory, h0_y).astype(state.yy_products.dtype)
+  return state._replace(y_memory=h0_y, yy_products=yy)
+
+
 class _Pair(NamedTuple):
-  """A pair offered to the memory, in the memory's dtypes, and where it went."""
+  """A pair offered to the memory, in the memory's dtypes, and where it went.
+
+  ``h0_y`` is :math:`H_0 y` for a memory prepared for a callable :math:`H_0`, which stores it
+  in place of ``y``; ``None`` otherwise.
+  """
 
   s: Any
   y: Any
+  h0_y: Any
   sy: jax.Array
   ydy: jax.Array
   accept: jax.Array
   slot: jax.Array
 
 
-def _offer(state: LBFGSState, s: Any, y: Any) -> _Pair:
+def _offer(state: LBFGSState, s: Any, y: Any, h0_y: Any = None) -> _Pair:
   """``(s, y)`` in the memory's dtypes, whether it is acceptable, and the slot it would take."""
   dtypes = jax.tree.map(lambda x: x.dtype, state.s_memory)
   s, y = jax.tree.map(jnp.asarray, s, dtypes), jax.tree.map(jnp.asarray, y, dtypes)
-  sy, ydy = optax.tree.vdot(s, y), optax.tree.vdot(y, _times_diagonal(state, y))
+  if h0_y is None:
+    dy = _times_diagonal(state, y)
+  else:
+    h0_y = dy = jax.tree.map(jnp.asarray, h0_y, dtypes)
+  sy, ydy = optax.tree.vdot(s, y), optax.tree.vdot(y, dy)
   accept = jnp.isfinite(sy) & (sy > 0) & jnp.isfinite(ydy) & all_finite(s) & all_finite(y)
-  return _Pair(s, y, sy, ydy, accept, state.next_index)
+  return _Pair(s, y, h0_y, sy, ydy, accept, state.next_index)
+
+
+def _write(memory: Any, pair: _Pair, value: Any) -> Any:
+  """``value`` written into slot ``pair.slot`` of ``memory`` when the pair is accepted."""
+
+  def write(stored, v):
+    # A rejected pair goes to slot m, out of bounds, and is dropped: selecting between the
+    # new and the old slot instead would read the old slot into a buffer of its own.
+    target = jnp.where(pair.accept, pair.slot, stored.shape[0])
+    return stored.at[target].set(v.reshape(stored.shape[1:]), mode="drop")
+
+  return jax.tree.map(write, memory, value)
 
 
 def _store(state: LBFGSState, pair: _Pair) -> LBFGSState:
   """Writes an accepted pair into its slot; the products are left as they are."""
   i, accept, m = pair.slot, pair.accept, memory_size(state)
-
-  # A rejected pair goes to slot m, out of bounds, and is dropped: selecting between the new
-  # and the old slot instead would read the old slot into a buffer of its own.
-  target = jnp.where(accept, i, m)
-
-  def write(memory, value):
-    return memory.at[target].set(value.reshape(memory.shape[1:]), mode="drop")
-
   return state._replace(
-    s_memory=jax.tree.map(write, state.s_memory, pair.s),
-    y_memory=jax.tree.map(write, state.y_memory, pair.y),
+    s_memory=_write(state.s_memory, pair, pair.s),
+    y_memory=_write(state.y_memory, pair, pair.y if pair.h0_y is None else pair.h0_y),
     next_index=jnp.where(accept, (i + 1) % m, i).astype(jnp.int32),
     num_pairs=jnp.where(accept, jnp.minimum(state.num_pairs + 1, m), state.num_pairs).astype(
       jnp.int32
@@ -277,8 +332,22 @@ def lbfgs_refresh_products(state: LBFGSState) -> LBFGSState:
   )
 
 
-def _apply_projected(state: LBFGSState, v: Any, projections: LBFGSProjections) -> Any:
-  """:math:`H v` from :math:`S^\\top v` and :math:`Y^\\top D v` (see :func:`lbfgs_apply`)."""
+def _newest_gamma(state: LBFGSState) -> jax.Array:
+  """:math:`\\gamma = s^\\top y / y^\\top y` of the newest pair; 1 while there is none."""
+  newest = (state.next_index - 1) % memory_size(state)
+  sy_newest, yy_newest = state.sy_products[newest, newest], state.yy_products[newest, newest]
+  ok = (sy_newest > 0) & (yy_newest > 0)
+  return jnp.where(ok, sy_newest / jnp.where(ok, yy_newest, 1.0), 1.0)
+
+
+def _apply_projected(
+  state: LBFGSState, v: Any, projections: LBFGSProjections, h0_v: Any = None
+) -> Any:
+  """:math:`H v` from :math:`S^\\top v` and :math:`Y^\\top D v` (see :func:`lbfgs_apply`).
+
+  With ``h0_v`` (:math:`H_0 v` for a callable :math:`H_0`), ``state`` is a memory prepared
+  by :func:`_with_initial` and there is no :math:`\\gamma` scaling.
+  """
   s_v, y_dv = projections
   m = memory_size(state)
   # Oldest slot first; while the memory is not full, its empty slots come first.
@@ -290,11 +359,8 @@ def _apply_projected(state: LBFGSState, v: Any, projections: LBFGSProjections) -
   # R = the upper triangle of S^T Y in time order; an empty slot gets a unit diagonal entry
   # and nothing else, so its coefficients come out zero.
   r = jnp.where(both, jnp.triu(sy), 0) + jnp.diag((~valid).astype(sy.dtype))
-  if state.initial_diagonal is None:
-    newest = (state.next_index - 1) % m
-    sy_newest, yy_newest = state.sy_products[newest, newest], state.yy_products[newest, newest]
-    ok = (sy_newest > 0) & (yy_newest > 0)
-    scale = jnp.where(ok, sy_newest / jnp.where(ok, yy_newest, 1.0), 1.0)
+  if h0_v is None and state.initial_diagonal is None:
+    scale = _newest_gamma(state)
   else:
     scale = jnp.ones((), sy.dtype)
   ydy = scale * jnp.where(both, state.yy_products[order][:, order], 0)
@@ -306,12 +372,30 @@ def _apply_projected(state: LBFGSState, v: Any, projections: LBFGSProjections) -
   # Back from time order to slots.
   u1 = jnp.zeros_like(u1).at[order].set(u1)
   u2 = jnp.zeros_like(minus_u2).at[order].set(-minus_u2)
+  if h0_v is not None:
+    # H v = H0 v + (H0 Y) u2 + S u1, with H0 Y stored in place of Y.
+    h0_part = optax.tree.add(h0_v, _combine(state.y_memory, u2, v))
+    return optax.tree.add(_combine(state.s_memory, u1, v), h0_part)
   # H v = H0 (v + Y u2) + S u1 with H0 = scale * D.
   h0_part = _times_diagonal(state, optax.tree.add(v, _combine(state.y_memory, u2, v)))
   return optax.tree.add_scale(_combine(state.s_memory, u1, v), scale, h0_part)
 
 
-def lbfgs_apply(state: LBFGSState, v: Any, projections: LBFGSProjections | None = None) -> Any:
+def _apply(state: LBFGSState, v: Any, initial: Callable[[Any], Any] | None = None) -> Any:
+  """:math:`H v`; with ``initial``, ``state`` is already prepared by :func:`_with_initial`."""
+  q = optax.tree.cast_like(v, memory_like(v))
+  h0_q = None if initial is None else _times_initial(initial, q)
+  return optax.tree.cast_like(_apply_projected(state, q, lbfgs_project(state, q), h0_q), v)
+
+
+def _check_initial(initial: Any) -> None:
+  if initial is not None and not callable(initial):
+    raise TypeError(
+      f"the initial matrix must be a callable v -> H0 v or None, got {type(initial).__name__}."
+    )
+
+
+def lbfgs_apply(state: LBFGSState, v: Any, *, initial: Callable[[Any], Any] | None = None) -> Any:
   """Applies the L-BFGS inverse approximation :math:`H v`.
 
   With pairs :math:`(s_j, y_j)`, :math:`\\rho_j = 1 / s_j^\\top y_j`, :math:`H` is the
@@ -322,10 +406,11 @@ def lbfgs_apply(state: LBFGSState, v: Any, projections: LBFGSProjections | None 
     H_{j+1} = (I - \\rho_j s_j y_j^\\top) H_j (I - \\rho_j y_j s_j^\\top)
       + \\rho_j s_j s_j^\\top
 
-  from :math:`H_0 = \\gamma I`, :math:`\\gamma = s^\\top y / y^\\top y` of the newest pair
-  (or :math:`H_0 = D`, the state's ``initial_diagonal``), over the stored pairs, oldest
-  first: the matrix the two-loop recursion (Nocedal & Wright, Algorithm 7.4) applies. It is
-  applied in the compact form of Byrd, Nocedal & Schnabel,
+  over the stored pairs, oldest first (the matrix the two-loop recursion of Nocedal & Wright,
+  Algorithm 7.4, applies), from :math:`H_0 = \\gamma I`, :math:`\\gamma = s^\\top y / y^\\top
+  y` of the newest pair; or :math:`H_0 = D`, the state's ``initial_diagonal``; or the
+  symmetric positive definite matrix ``initial`` applies. It is applied in the compact form
+  of Byrd, Nocedal & Schnabel,
 
   .. math::
 
@@ -336,13 +421,15 @@ def lbfgs_apply(state: LBFGSState, v: Any, projections: LBFGSProjections | None 
   :math:`S^\\top Y` and :math:`\\Delta` its diagonal (both kept in the state): one pass over
   the memory for :math:`S^\\top v, Y^\\top H_0 v` and one for the sums, each a matrix
   product, where the two-loop recursion makes :math:`2m` dependent passes. An empty memory
-  gives :math:`H_0 v` (the identity with no diagonal).
+  gives :math:`H_0 v` (the identity with neither a diagonal nor ``initial``).
 
   Args:
     state: the memory.
     v: a pytree like the parameters.
-    projections: :func:`lbfgs_project` of ``v``, when already at hand (saves the first
-      pass).
+    initial: optional :math:`H_0` as a callable ``v -> H0 v`` (symmetric positive definite,
+      e.g. a K-FAC inverse), used instead of :math:`\\gamma I`; not with an
+      ``initial_diagonal``. It costs ``m + 1`` products with :math:`H_0` (for
+      :math:`H_0 Y` and :math:`H_0 v`); :func:`hfjax.cg` forms :math:`H_0 Y` once per solve.
 
   Returns:
     :math:`H v`, with the structure and dtypes of ``v``.
@@ -352,10 +439,48 @@ def lbfgs_apply(state: LBFGSState, v: Any, projections: LBFGSProjections | None 
     Byrd, Nocedal & Schnabel, "Representations of quasi-Newton matrices and their use in
     limited memory methods", Math. Program. 1994.
   """
-  q = optax.tree.cast_like(v, memory_like(v))
-  if projections is None:
-    projections = lbfgs_project(state, q)
-  return optax.tree.cast_like(_apply_projected(state, q, projections), v)
+  _check_initial(initial)
+  if initial is not None:
+    state = _with_initial(state, initial, v)
+  return _apply(state, v, initial)
+
+
+def lbfgs_operator(
+  state: LBFGSState, like: Any, initial: Callable[[Any], Any] | None = None
+) -> Callable[[Any], Any]:
+  """``v -> H v`` for many products with one memory (a fixed preconditioner in :func:`hfjax.cg`).
+
+  The memory is laid out flat (:func:`flatten_memory`) and, with a callable ``initial``,
+  prepared (:math:`H_0 Y`, :math:`Y^\\top H_0 Y`) once, here; each product then costs one
+  :math:`H_0` product and two passes over the memory.
+  """
+  _check_initial(initial)
+  memory = flatten_memory(state)
+  if initial is not None:
+    memory = _with_initial(memory, initial, like)
+  return lambda v: _apply(memory, v, initial)
+
+
+def _update_and_apply(
+  state: LBFGSState,
+  pair: _Pair,
+  v: Any,
+  previous: LBFGSProjections | None,
+  h0_v: Any = None,
+) -> tuple[LBFGSState, Any, LBFGSProjections]:
+  """Stores ``pair`` with its inner products, then :math:`H v` (see
+  :func:`lbfgs_update_and_apply`; ``v`` in the memory's dtypes)."""
+  if previous is None:
+    products = lbfgs_project(state, pair.y)
+  updated = _store(state, pair)
+  projections = lbfgs_project(updated, v)
+  if previous is not None:
+    # Slots other than the new pair's hold the same vectors before and after the write.
+    products = LBFGSProjections(
+      s_v=previous.s_v - projections.s_v, y_dv=previous.y_dv - projections.y_dv
+    )
+  updated = _set_products(updated, pair, products.s_v, products.y_dv)
+  return updated, _apply_projected(updated, v, projections, h0_v), projections
 
 
 def lbfgs_update_and_apply(
@@ -382,17 +507,72 @@ def lbfgs_update_and_apply(
   """
   pair = _offer(state, s, y)
   q = optax.tree.cast_like(v, pair.s)
-  if previous is None:
-    products = lbfgs_project(state, pair.y)
-  updated = _store(state, pair)
-  projections = lbfgs_project(updated, q)
-  if previous is not None:
-    # Slots other than the new pair's hold the same vectors before and after the write.
-    products = LBFGSProjections(
-      s_v=previous.s_v - projections.s_v, y_dv=previous.y_dv - projections.y_dv
-    )
-  updated = _set_products(updated, pair, products.s_v, products.y_dv)
-  return updated, optax.tree.cast_like(_apply_projected(updated, q, projections), v), projections
+  updated, hv, projections = _update_and_apply(state, pair, q, previous)
+  return updated, optax.tree.cast_like(hv, v), projections
+
+
+class LBFGSInSolve(NamedTuple):
+  """An L-BFGS memory that takes in the pairs of a CG solve as it runs.
+
+  Attributes:
+    memory: the pairs, flat (:func:`flatten_memory`); with a callable :math:`H_0`, prepared
+      by :func:`_with_initial` (``y_memory`` holds :math:`H_0 y_j`).
+    projections: :func:`lbfgs_project` of the current residual over ``memory``.
+    y_memory: with a callable :math:`H_0`, the :math:`y_j` themselves (what the returned
+      state holds); ``None`` otherwise.
+    h0_r: with a callable :math:`H_0`, :math:`H_0 r` of the current residual; ``None``
+      otherwise.
+  """
+
+  memory: LBFGSState
+  projections: LBFGSProjections
+  y_memory: Any
+  h0_r: Any
+
+
+def lbfgs_in_solve_init(
+  state: LBFGSState, r: Any, initial: Callable[[Any], Any] | None = None
+) -> tuple[LBFGSInSolve, Any]:
+  """The memory of a solve that adds each CG step's pair to ``state``, and :math:`H r_0`."""
+  _check_initial(initial)
+  memory, y_memory, h0_r = flatten_memory(state), None, None
+  if initial is not None:
+    y_memory = memory.y_memory
+    memory = _with_initial(memory, initial, r)
+    h0_r = _times_initial(initial, r)
+  projections = lbfgs_project(memory, r)
+  q = optax.tree.cast_like(r, memory_like(r))
+  z = optax.tree.cast_like(_apply_projected(memory, q, projections, h0_r), r)
+  return LBFGSInSolve(memory, projections, y_memory, h0_r), z
+
+
+def lbfgs_in_solve_step(
+  solve: LBFGSInSolve, s: Any, y: Any, r: Any, initial: Callable[[Any], Any] | None = None
+) -> tuple[LBFGSInSolve, Any]:
+  """Adds the pair ``(s, y)`` of a CG step, then :math:`H r` for the new residual ``r``.
+
+  CG's pair has :math:`y = r_{k} - r_{k+1}`, so its inner products with the memory come
+  from the residuals' projections (:func:`lbfgs_update_and_apply`) and, with a callable
+  :math:`H_0`, :math:`H_0 y = H_0 r_k - H_0 r_{k+1}` from the :math:`H_0 r` that each step
+  computes anyway: one :math:`H_0` product per step.
+  """
+  h0_r = None if initial is None else _times_initial(initial, r)
+  h0_y = None if initial is None else optax.tree.sub(solve.h0_r, h0_r)
+  pair = _offer(solve.memory, s, y, h0_y)
+  q = optax.tree.cast_like(r, pair.s)
+  memory, z, projections = _update_and_apply(solve.memory, pair, q, solve.projections, h0_r)
+  y_memory = None if solve.y_memory is None else _write(solve.y_memory, pair, pair.y)
+  return LBFGSInSolve(memory, projections, y_memory, h0_r), optax.tree.cast_like(z, r)
+
+
+def lbfgs_in_solve_finish(solve: LBFGSInSolve, like: Any) -> LBFGSState:
+  """The memory after the solve, laid out like ``like``, holding the pairs themselves."""
+  memory = solve.memory
+  if solve.y_memory is not None:
+    # Back from H0 y to y: the next solve may start from another H0, or from gamma I.
+    yy = _inner_products(solve.y_memory, solve.y_memory).astype(memory.yy_products.dtype)
+    memory = memory._replace(y_memory=solve.y_memory, yy_products=yy)
+  return unflatten_memory(memory, like)
 
 
 def diagonal_preconditioner(diagonal: Any, damping: float | jax.Array, exponent: float = 0.75):

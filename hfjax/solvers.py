@@ -1,8 +1,21 @@
-"""Flexible preconditioned conjugate gradients in one ``lax.while_loop``."""
+"""Flexible preconditioned conjugate gradients in one ``lax.while_loop``.
+
+How :func:`cg` differs from ``jax.scipy.sparse.linalg.cg`` and lineax's CG, and why:
+
+- The direction update defaults to the flexible (Polak-Ribiere) :math:`\\beta`, so the
+  preconditioner may change between steps: an L-BFGS memory can take in each step's pair.
+- The preconditioner is one small interface (:class:`_Preconditioner`: init, update,
+  finish), built once from what the caller passed, so the loop body never asks what kind
+  it is; the L-BFGS memory rides in the loop carry.
+- Iterates on Martens' schedule are recorded for CG backtracking, Martens' relative-progress
+  rule can stop the solve, and a failing step (non-finite values, :math:`p^\\top A p \\le 0`,
+  :math:`z^\\top r \\le 0`) is not taken; the result always says why the solve stopped.
+"""
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -12,17 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hfjax._tree import as_accumulation
+from hfjax._tree import as_accumulation, finite_or
 from hfjax.preconditioners import (
-  LBFGSProjections,
   LBFGSState,
   flatten_memory,
-  lbfgs_apply,
+  lbfgs_in_solve_finish,
+  lbfgs_in_solve_init,
+  lbfgs_in_solve_step,
   lbfgs_init,
-  lbfgs_project,
+  lbfgs_operator,
   lbfgs_refresh_products,
   lbfgs_store_pair,
-  lbfgs_update_and_apply,
   memory_size,
   unflatten_memory,
 )
@@ -85,6 +98,108 @@ def martens_record_steps(max_steps: int, base: float = 1.3) -> np.ndarray:
   return np.array(sorted(steps), dtype=np.int32)
 
 
+class _Preconditioner(NamedTuple):
+  """A preconditioner as the CG loop sees it, whatever the caller passed.
+
+  Attributes:
+    init: ``r0 -> (state, z0)``, with :math:`z_0 = M_0 r_0`.
+    update: ``(state, s, y, r) -> (state, z)``: takes in the step's pair
+      :math:`s = \\alpha p`, :math:`y = \\alpha A p`, then returns :math:`z = M r` for the new
+      residual ``r``. One function rather than two because an L-BFGS memory updated within
+      the solve takes the pair's inner products from those of the residuals.
+    finish: ``state ->`` the ``preconditioner_state`` of the :class:`CGResult`.
+  """
+
+  init: Callable[[Any], tuple[Any, Any]]
+  update: Callable[[Any, Any, Any, Any], tuple[Any, Any]]
+  finish: Callable[[Any], LBFGSState | None]
+
+
+def _operator(apply: Callable[[Any], Any]) -> _Preconditioner:
+  """A fixed operator ``r -> z``: no state, the pairs are ignored."""
+  return _Preconditioner(
+    init=lambda r: ((), apply(r)),
+    update=lambda state, s, y, r: (state, apply(r)),
+    finish=lambda state: None,
+  )
+
+
+def _lbfgs_updated(state: LBFGSState, initial: Any, like: Any) -> _Preconditioner:
+  """Sainath et al.: every step's pair joins the memory (flexible PCG copes with the change)."""
+  return _Preconditioner(
+    init=functools.partial(lbfgs_in_solve_init, state, initial=initial),
+    update=functools.partial(lbfgs_in_solve_step, initial=initial),
+    finish=functools.partial(lbfgs_in_solve_finish, like=like),
+  )
+
+
+def _lbfgs_fixed(state: LBFGSState, initial: Any, like: Any) -> _Preconditioner:
+  """Morales & Nocedal: ``state`` stays fixed; the solve's pairs fill a fresh memory."""
+  apply = lbfgs_operator(state, like, initial)
+  fresh = flatten_memory(lbfgs_init(like, memory_size(state)))
+  # The collected pairs' inner products are taken once, after the solve.
+  return _Preconditioner(
+    init=lambda r: (fresh, apply(r)),
+    update=lambda pairs, s, y, r: (lbfgs_store_pair(pairs, s, y), apply(r)),
+    finish=lambda pairs: unflatten_memory(lbfgs_refresh_products(pairs), like),
+  )
+
+
+def _make_preconditioner(
+  preconditioner: Preconditioner, update: bool, initial: Any, like: Any
+) -> _Preconditioner:
+  """The :class:`_Preconditioner` for what the caller passed (see :func:`cg`)."""
+  if isinstance(preconditioner, LBFGSState):
+    build = _lbfgs_updated if update else _lbfgs_fixed
+    return build(preconditioner, initial, like)
+  if not (preconditioner is None or callable(preconditioner)):
+    raise TypeError(
+      "preconditioner must be None, a callable r -> z or an hfjax.LBFGSState; got "
+      f"{type(preconditioner).__name__}."
+    )
+  if initial is not None:
+    raise TypeError(
+      "initial_preconditioner is the initial matrix of an L-BFGS preconditioner: it needs "
+      f"an hfjax.LBFGSState as preconditioner, got {type(preconditioner).__name__}."
+    )
+  if preconditioner is None:
+    return _operator(lambda r: r)
+  return _operator(lambda r: optax.tree.cast_like(preconditioner(r), r))
+
+
+class _Recorded(NamedTuple):
+  """Iterates recorded for CG backtracking, in a ring buffer of ``slots``."""
+
+  iterates: Any
+  steps: jax.Array
+  values: jax.Array
+  count: jax.Array
+
+
+def _record(recorded: _Recorded, x: Any, step: jax.Array, value: jax.Array, should) -> _Recorded:
+  """Writes ``x`` into the next slot of the ring buffer when ``should``."""
+  i = recorded.count % recorded.steps.shape[0]
+
+  def write(buffer, v):
+    return buffer.at[i].set(jnp.where(should, v, buffer[i]))
+
+  return _Recorded(
+    iterates=jax.tree.map(write, recorded.iterates, x),
+    steps=write(recorded.steps, step),
+    values=write(recorded.values, value),
+    count=recorded.count + should.astype(jnp.int32),
+  )
+
+
+def _recording_plan(max_steps: int, base: float, num_recorded: int | None):
+  """Which steps are recorded (a mask over ``0..max_steps``) and how many slots keep them."""
+  schedule = martens_record_steps(max_steps, base)
+  mask = np.zeros(max_steps + 1, dtype=bool)
+  mask[schedule] = True
+  slots = len(schedule) + 1 if num_recorded is None else min(num_recorded, len(schedule) + 1)
+  return jnp.asarray(mask), slots
+
+
 class _Carry(NamedTuple):
   x: Any
   r: Any
@@ -93,30 +208,129 @@ class _Carry(NamedTuple):
   step: jax.Array
   stop: jax.Array
   residual_norm: jax.Array
-  values: jax.Array
-  precond: LBFGSState | None
-  projections: LBFGSProjections | None  # of r, when L-BFGS is updated within the solve
-  pairs: LBFGSState | None
-  iterates: Any
-  iterate_steps: jax.Array
-  iterate_values: jax.Array
-  num_recorded: jax.Array
+  values: jax.Array  # phi at steps 0..max_steps, for the progress rule
+  precond: Any  # the _Preconditioner's state
+  recorded: _Recorded
 
 
-def _record(carry: _Carry, x, step, value, should) -> _Carry:
-  """Writes ``x`` into the next slot of the iterate ring buffer when ``should``."""
-  slots = carry.iterate_steps.shape[0]
-  i = carry.num_recorded % slots
+def _model_value(x: Any, b: Any, r: Any) -> jax.Array:
+  """:math:`\\phi(x) = \\frac12 x^\\top A x - b^\\top x = -\\frac12 x^\\top (b + r)`, as
+  :math:`r = b - A x`."""
+  return -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
 
-  def write(buffer, v):
-    return buffer.at[i].set(jnp.where(should, v, buffer[i]))
 
-  return carry._replace(
-    iterates=jax.tree.map(write, carry.iterates, x),
-    iterate_steps=write(carry.iterate_steps, step),
-    iterate_values=write(carry.iterate_values, value),
-    num_recorded=carry.num_recorded + should.astype(jnp.int32),
+def _stop_reason(
+  *,
+  converged,
+  not_finite,
+  breakdown,
+  curvature_not_finite=False,
+  negative_curvature=False,
+  stalled=False,
+  capped=False,
+) -> jax.Array:
+  """The first :class:`CGStopReason` that holds, in this order of priority; 0 to go on.
+
+  The solve's start has no step, so neither curvature nor progress nor the cap applies.
+  """
+  reasons = [
+    (curvature_not_finite, CGStopReason.NON_FINITE),
+    (negative_curvature, CGStopReason.NEGATIVE_CURVATURE),
+    (converged, CGStopReason.RESIDUAL),
+    (not_finite, CGStopReason.NON_FINITE),
+    (breakdown, CGStopReason.PRECONDITIONER_BREAKDOWN),
+    (stalled, CGStopReason.PROGRESS),
+    (capped, CGStopReason.MAX_STEPS),
+  ]
+  conditions = [jnp.asarray(condition) for condition, _ in reasons]
+  return jnp.select(conditions, [reason for _, reason in reasons], 0).astype(jnp.int32)
+
+
+def _stalled(values: jax.Array, step: jax.Array, value: jax.Array, tol: float) -> jax.Array:
+  """Martens' relative-progress rule at ``step`` (see :func:`cg`)."""
+  gap = jnp.maximum(10, jnp.ceil(0.1 * step).astype(jnp.int32))
+  previous = values[jnp.maximum(step - gap, 0)]
+  return (tol > 0) & (step > gap) & (value < 0) & ((value - previous) / value < gap * tol)
+
+
+def _flexible_beta(alpha, z, ap, rz, rz_old):
+  # z^T (r_new - r_old) with r_new - r_old = -alpha A p: the old residual need not stay alive.
+  return -alpha * optax.tree.vdot(z, ap) / rz_old
+
+
+def _standard_beta(alpha, z, ap, rz, rz_old):
+  return rz / rz_old
+
+
+_BETAS = {"flexible": _flexible_beta, "standard": _standard_beta}
+
+
+def _start(b, x0, apply_a, precond, converged_below, max_steps, slots) -> _Carry:
+  """The carry before the first step: :math:`x_0`, :math:`r_0 = b - A x_0`,
+  :math:`z_0 = M r_0`, and whether there is anything to do."""
+  if x0 is None:
+    x, r = optax.tree.zeros_like(b), b
+  else:
+    x = optax.tree.cast_like(x0, b)
+    r = optax.tree.sub(b, apply_a(x))
+  precond_state, z = precond.init(r)
+  rz, rr = optax.tree.vdot(r, z), optax.tree.vdot(r, r)
+  value = _model_value(x, b, r)
+  dtype = jnp.result_type(*jax.tree.leaves(b))
+  return _Carry(
+    x=x,
+    r=r,
+    p=z,
+    rz=rz,
+    step=jnp.zeros((), jnp.int32),
+    stop=_stop_reason(
+      converged=rr <= converged_below,
+      not_finite=~jnp.isfinite(rz) | ~jnp.isfinite(value),
+      breakdown=rz <= 0,
+    ),
+    residual_norm=jnp.sqrt(rr),
+    values=jnp.zeros(max_steps + 1, dtype).at[0].set(finite_or(value, 0)),
+    precond=precond_state,
+    recorded=_Recorded(
+      iterates=jax.tree.map(lambda v: jnp.zeros((slots,) + v.shape, v.dtype), b),
+      steps=jnp.full((slots,), -1, jnp.int32),
+      values=jnp.full((slots,), jnp.inf, dtype),
+      count=jnp.zeros((), jnp.int32),
+    ),
   )
+
+
+def _finish(final: _Carry, precond: _Preconditioner) -> CGResult:
+  """The result; the last iterate joins the recorded ones unless it is there already."""
+  recorded = final.recorded
+  last = jnp.maximum(recorded.count - 1, 0) % recorded.steps.shape[0]
+  already = (recorded.count > 0) & (recorded.steps[last] == final.step)
+  value = final.values[final.step]
+  recorded = _record(recorded, final.x, final.step, value, ~already)
+  return CGResult(
+    x=final.x,
+    num_steps=final.step,
+    value=value,
+    stop_reason=final.stop,
+    residual_norm=final.residual_norm,
+    iterates=recorded.iterates,
+    iterate_steps=recorded.steps,
+    iterate_values=recorded.values,
+    preconditioner_state=precond.finish(final.precond),
+  )
+
+
+def _check_arguments(b, max_steps, tol, residual_tol, beta, num_recorded) -> None:
+  if int(max_steps) != max_steps or max_steps < 1:
+    raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
+  if tol < 0 or residual_tol < 0:
+    raise ValueError(f"tol and residual_tol must be >= 0, got {tol} and {residual_tol}.")
+  if beta not in _BETAS:
+    raise ValueError(f"beta must be 'flexible' or 'standard', got {beta!r}.")
+  if num_recorded is not None and num_recorded < 1:
+    raise ValueError(f"num_recorded must be >= 1 or None, got {num_recorded!r}.")
+  if not jax.tree.leaves(b):
+    raise ValueError("b is empty: it holds no arrays.")
 
 
 def cg(
@@ -130,6 +344,7 @@ def cg(
   residual_tol: float = 0.0,
   beta: str = "flexible",
   update_preconditioner: bool = True,
+  initial_preconditioner: Callable[[Any], Any] | None = None,
   num_recorded: int | None = None,
   record_base: float = 1.3,
 ) -> CGResult:
@@ -175,6 +390,14 @@ def cg(
       pair :math:`s = \\alpha p`, :math:`y = \\alpha A p` to it as the solve runs (Sainath et
       al.); ``False`` keeps it fixed and collects the pairs in a fresh memory of the same
       size for the next solve (Morales & Nocedal).
+    initial_preconditioner: only with an :class:`hfjax.LBFGSState`: the initial matrix
+      :math:`H_0` of the L-BFGS approximation as a callable ``v -> H0 v`` (symmetric
+      positive definite and fixed within the solve, e.g. a K-FAC inverse), in place of
+      :math:`\\gamma I`; ``None`` for :math:`\\gamma I`. Either pair policy works with it.
+      It costs one product with :math:`H_0` per step, plus one per stored pair at the start
+      (none for an empty memory); not with a state that has an ``initial_diagonal``. The
+      returned memory holds the pairs themselves, so the next solve may use another
+      :math:`H_0` (:func:`hfjax.lbfgs_apply` takes it as ``initial``).
     num_recorded: slots for recorded iterates; ``None`` keeps all of them. Fewer slots keep
       the newest ones (those backtracking looks at first) and save memory.
     record_base: the base of the recording schedule (1.3 in Martens 2010).
@@ -190,6 +413,16 @@ def cg(
     >>> result.x, int(result.num_steps)
     (Array([0.09090909, 0.6363636 ], dtype=float32), 2)
 
+    An L-BFGS preconditioner with a diagonal initial matrix, updated within the solve:
+
+    >>> state = hfjax.lbfgs_init(jnp.zeros(2), memory_size=5)
+    >>> h0 = lambda v: v / jnp.diag(A)
+    >>> result = hfjax.cg(
+    ...     lambda v: A @ v, jnp.array([1.0, 2.0]), preconditioner=state,
+    ...     initial_preconditioner=h0, residual_tol=1e-6)
+    >>> int(result.num_steps), int(result.preconditioner_state.num_pairs)
+    (2, 2)
+
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010. Notay, "Flexible
     conjugate gradients", SIAM J. Sci. Comput. 2000. Golub & Ye, "Inexact preconditioned
@@ -197,89 +430,17 @@ def cg(
     Morales & Nocedal, "Automatic preconditioning by limited memory quasi-Newton updating",
     SIAM J. Optim. 2000.
   """
-  if int(max_steps) != max_steps or max_steps < 1:
-    raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
-  if tol < 0 or residual_tol < 0:
-    raise ValueError(f"tol and residual_tol must be >= 0, got {tol} and {residual_tol}.")
-  if beta not in ("flexible", "standard"):
-    raise ValueError(f"beta must be 'flexible' or 'standard', got {beta!r}.")
-  if num_recorded is not None and num_recorded < 1:
-    raise ValueError(f"num_recorded must be >= 1 or None, got {num_recorded!r}.")
-  if not jax.tree.leaves(b):
-    raise ValueError("b is empty: it holds no arrays.")
-
+  _check_arguments(b, max_steps, tol, residual_tol, beta, num_recorded)
   b = as_accumulation(b)
-  dtype = jnp.result_type(*jax.tree.leaves(b))
   apply_a = lambda v: optax.tree.cast_like(matvec(v), b)
-  is_lbfgs = isinstance(preconditioner, LBFGSState)
-  if is_lbfgs:
-    precond_state = flatten_memory(preconditioner)
-  elif preconditioner is None or callable(preconditioner):
-    precond_state = None
-  else:
-    raise TypeError(
-      "preconditioner must be None, a callable r -> z or an hfjax.LBFGSState; got "
-      f"{type(preconditioner).__name__}."
-    )
+  precond = _make_preconditioner(preconditioner, update_preconditioner, initial_preconditioner, b)
+  next_beta = _BETAS[beta]
+  record_mask, slots = _recording_plan(max_steps, record_base, num_recorded)
+  converged_below = (residual_tol * jnp.sqrt(optax.tree.vdot(b, b))) ** 2
 
-  def precondition(state, r, projections=None):
-    if is_lbfgs:
-      return lbfgs_apply(state, r, projections)
-    if preconditioner is None:
-      return r
-    return optax.tree.cast_like(preconditioner(r), r)
+  carry = _start(b, x0, apply_a, precond, converged_below, max_steps, slots)
 
-  schedule = martens_record_steps(max_steps, record_base)
-  record_mask = np.zeros(max_steps + 1, dtype=bool)
-  record_mask[schedule] = True
-  slots = len(schedule) + 1 if num_recorded is None else min(num_recorded, len(schedule) + 1)
-
-  b_norm = jnp.sqrt(optax.tree.vdot(b, b))
-  if x0 is None:
-    x = optax.tree.zeros_like(b)
-    r = b
-  else:
-    x = optax.tree.cast_like(x0, b)
-    r = optax.tree.sub(b, apply_a(x))
-  within = is_lbfgs and update_preconditioner
-  projections = lbfgs_project(precond_state, r) if within else None
-  z = precondition(precond_state, r, projections)
-  rz = optax.tree.vdot(r, z)
-  rr = optax.tree.vdot(r, r)
-  value0 = -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
-  stop = jnp.where(
-    rr <= (residual_tol * b_norm) ** 2,
-    CGStopReason.RESIDUAL,
-    jnp.where(
-      ~jnp.isfinite(rz) | ~jnp.isfinite(value0),
-      CGStopReason.NON_FINITE,
-      jnp.where(rz <= 0, CGStopReason.PRECONDITIONER_BREAKDOWN, 0),
-    ),
-  ).astype(jnp.int32)
-  collect = is_lbfgs and not update_preconditioner
-  carry = _Carry(
-    x=x,
-    r=r,
-    p=z,
-    rz=rz,
-    step=jnp.zeros((), jnp.int32),
-    stop=stop,
-    residual_norm=jnp.sqrt(rr),
-    values=jnp.zeros(max_steps + 1, dtype).at[0].set(jnp.where(jnp.isfinite(value0), value0, 0)),
-    precond=precond_state,
-    projections=projections,
-    pairs=flatten_memory(lbfgs_init(b, memory_size(preconditioner))) if collect else None,
-    iterates=jax.tree.map(lambda v: jnp.zeros((slots,) + v.shape, v.dtype), b),
-    iterate_steps=jnp.full((slots,), -1, jnp.int32),
-    iterate_values=jnp.full((slots,), jnp.inf, dtype),
-    num_recorded=jnp.zeros((), jnp.int32),
-  )
-  record_mask = jnp.asarray(record_mask)
-
-  def cond_fn(c: _Carry):
-    return c.stop == 0
-
-  def body_fn(c: _Carry) -> _Carry:
+  def step(c: _Carry) -> _Carry:
     ap = apply_a(c.p)
     pap = optax.tree.vdot(c.p, ap)
     alpha = c.rz / pap
@@ -288,89 +449,35 @@ def cg(
     x = optax.tree.add_scale(c.x, alpha, c.p)
     r = optax.tree.add_scale(c.r, -alpha, ap)
     s, y = optax.tree.scale(alpha, c.p), optax.tree.scale(alpha, ap)
-    precond, projections, pairs = c.precond, c.projections, c.pairs
-    if within:
-      # y = c.r - r, so the pair's inner products come from the residuals' projections.
-      precond, z, projections = lbfgs_update_and_apply(precond, s, y, r, previous=projections)
-    else:
-      z = precondition(precond, r)
-    if collect:
-      # The pairs' inner products are taken once, after the solve.
-      pairs = lbfgs_store_pair(pairs, s, y)
-    rz = optax.tree.vdot(r, z)
-    rr = optax.tree.vdot(r, r)
-    if beta == "flexible":
-      # r - c.r = -alpha A p: no need to keep the old residual alive next to the new one.
-      beta_k = -alpha * optax.tree.vdot(z, ap) / c.rz
-    else:
-      beta_k = rz / c.rz
-    p = optax.tree.add_scale(z, beta_k, c.p)
-
-    step = c.step + 1
-    value = -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
-    value = jnp.where(ok, value, c.values[c.step])
-    values = c.values.at[step].set(value)
-    gap = jnp.maximum(10, jnp.ceil(0.1 * step).astype(jnp.int32))
-    previous = values[jnp.maximum(step - gap, 0)]
-    stalled = (tol > 0) & (step > gap) & (value < 0) & ((value - previous) / value < gap * tol)
-
-    stop = jnp.select(
-      [
-        ~jnp.isfinite(pap),
-        ~ok,
-        rr <= (residual_tol * b_norm) ** 2,
-        ~jnp.isfinite(rz) | ~jnp.isfinite(beta_k),
-        rz <= 0,
-        stalled,
-        step >= max_steps,
-      ],
-      [
-        CGStopReason.NON_FINITE,
-        CGStopReason.NEGATIVE_CURVATURE,
-        CGStopReason.RESIDUAL,
-        CGStopReason.NON_FINITE,
-        CGStopReason.PRECONDITIONER_BREAKDOWN,
-        CGStopReason.PROGRESS,
-        CGStopReason.MAX_STEPS,
-      ],
-      0,
-    ).astype(jnp.int32)
+    precond_state, z = precond.update(c.precond, s, y, r)
+    rz, rr = optax.tree.vdot(r, z), optax.tree.vdot(r, r)
+    beta_k = next_beta(alpha, z, ap, rz, c.rz)
+    i = c.step + 1
+    value = jnp.where(ok, _model_value(x, b, r), c.values[c.step])
+    values = c.values.at[i].set(value)
+    stop = _stop_reason(
+      curvature_not_finite=~jnp.isfinite(pap),
+      negative_curvature=~ok,
+      converged=rr <= converged_below,
+      not_finite=~jnp.isfinite(rz) | ~jnp.isfinite(beta_k),
+      breakdown=rz <= 0,
+      stalled=_stalled(values, i, value, tol),
+      capped=i >= max_steps,
+    )
     # A failed step is not taken: the iterate, residual and step count stay where they were.
-    new = c._replace(
+    new = _Carry(
       x=x,
       r=r,
-      p=p,
+      p=optax.tree.add_scale(z, beta_k, c.p),
       rz=rz,
-      step=jnp.where(ok, step, c.step),
+      step=jnp.where(ok, i, c.step),
       stop=stop,
       residual_norm=jnp.where(ok, jnp.sqrt(rr), c.residual_norm),
       values=values,
-      precond=precond,
-      projections=projections,
-      pairs=pairs,
+      precond=precond_state,
+      recorded=_record(c.recorded, x, i, value, ok & record_mask[i]),
     )
-    new = _record(new, x, step, value, ok & record_mask[step])
     return optax.tree.cast_like(new, c)
 
-  final = jax.lax.while_loop(cond_fn, body_fn, carry)
-  last = jnp.maximum(final.num_recorded - 1, 0) % slots
-  already = (final.num_recorded > 0) & (final.iterate_steps[last] == final.step)
-  value = final.values[final.step]
-  final = _record(final, final.x, final.step, value, ~already)
-  if collect:
-    precond_out = unflatten_memory(lbfgs_refresh_products(final.pairs), b)
-  elif is_lbfgs:
-    precond_out = unflatten_memory(final.precond, b)
-  else:
-    precond_out = None
-  return CGResult(
-    x=final.x,
-    num_steps=final.step,
-    value=value,
-    stop_reason=final.stop,
-    residual_norm=final.residual_norm,
-    iterates=final.iterates,
-    iterate_steps=final.iterate_steps,
-    iterate_values=final.iterate_values,
-    preconditioner_state=precond_out,
-  )
+  final = jax.lax.while_loop(lambda c: c.stop == 0, step, carry)
+  return _finish(final, precond)

@@ -8,6 +8,15 @@ from jax.flatten_util import ravel_pytree
 from references import dense_bfgs_inverse
 
 import hfjax
+from hfjax.preconditioners import (
+  flatten_memory,
+  lbfgs_operator,
+  lbfgs_project,
+  lbfgs_refresh_products,
+  lbfgs_store_pair,
+  lbfgs_update_and_apply,
+  unflatten_memory,
+)
 
 update = jax.jit(hfjax.lbfgs_update)
 
@@ -107,6 +116,64 @@ def test_initial_diagonal_replaces_gamma_identity(x64, num_pairs):
   np.testing.assert_allclose(materialise(state, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_pairs", [0, 2, 7])
+def test_callable_initial_matrix_replaces_gamma_identity(x64, num_pairs):
+  # 7 pairs, two of them bad, in a memory of 4: the ring buffer wraps.
+  n, memory = 6, 4
+  rng = np.random.default_rng(130 + num_pairs)
+  h0 = random_spd(n, rng)
+  pairs = random_pairs(num_pairs, n, rng)
+  if num_pairs:
+    pairs[1:1] = bad_pairs(n, rng)[:2]
+  state = fill(hfjax.lbfgs_init(jnp.zeros(n), memory), pairs)
+  got = jax.jit(
+    lambda state, h0: jax.vmap(lambda e: hfjax.lbfgs_apply(state, e, initial=lambda v: h0 @ v))(
+      jnp.eye(n)
+    )
+  )(state, jnp.asarray(h0))
+  want = dense_bfgs_inverse(pairs, n, memory, initial_matrix=h0)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  if num_pairs == 0:
+    np.testing.assert_allclose(want, h0, rtol=1e-15)
+
+
+def test_callable_initial_matrix_on_pytrees_and_prepared_once(x64):
+  rng = np.random.default_rng(140)
+  state, unravel, pairs, n, _ = _pytree_setup(5, 3, rng)
+  h0 = random_spd(n, rng)
+  initial = lambda v: unravel(jnp.asarray(h0) @ ravel_pytree(v)[0])
+  v = unravel(jnp.asarray(rng.standard_normal(n)))
+  want = dense_bfgs_inverse(pairs, n, 3, initial_matrix=h0) @ ravel_pytree(v)[0]
+  got = hfjax.lbfgs_apply(state, v, initial=initial)
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_allclose(ravel_pytree(got)[0], want, rtol=1e-10, atol=1e-12)
+  # The operator a fixed preconditioner uses: H0 Y prepared once, on the flat memory.
+  operator = lbfgs_operator(state, v, initial)
+  np.testing.assert_allclose(ravel_pytree(operator(v))[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_callable_initial_matrix_argument_errors():
+  state = hfjax.lbfgs_init(jnp.zeros(3), 2)
+  with pytest.raises(TypeError, match="initial"):
+    hfjax.lbfgs_apply(state, jnp.ones(3), initial=2.0)
+  with_diagonal = hfjax.lbfgs_init(jnp.zeros(3), 2, initial_diagonal=jnp.ones(3))
+  with pytest.raises(ValueError, match="initial_diagonal"):
+    hfjax.lbfgs_apply(with_diagonal, jnp.ones(3), initial=lambda v: v)
+
+
+def test_lbfgs_internals_stay_out_of_the_public_namespace():
+  internals = {
+    "LBFGSProjections",
+    "lbfgs_project",
+    "lbfgs_refresh_products",
+    "lbfgs_store_pair",
+    "lbfgs_update_and_apply",
+  }
+  assert not internals & set(hfjax.__all__)
+  assert not [name for name in internals if hasattr(hfjax, name)]
+  assert {"LBFGSState", "lbfgs_init", "lbfgs_update", "lbfgs_apply"} <= set(hfjax.__all__)
+
+
 def test_pytree_vectors_match_flat_reference(x64):
   params = {"a": jnp.zeros(3), "b": (jnp.zeros((2, 2)), jnp.zeros(()))}
   flat, unravel = ravel_pytree(params)
@@ -182,8 +249,8 @@ def test_update_and_apply_matches_dense_recursion(x64, num_pairs, diagonal, with
   (s, y), v = random_pairs(1, n, rng)[0], rng.standard_normal(n)
   previous = None
   if with_previous:  # projections of u with y = u - v, as a CG residual gives them
-    previous = hfjax.lbfgs_project(state, unravel(jnp.asarray(v + y)))
-  new, z, projections = jax.jit(hfjax.lbfgs_update_and_apply)(
+    previous = lbfgs_project(state, unravel(jnp.asarray(v + y)))
+  new, z, projections = jax.jit(lbfgs_update_and_apply)(
     state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)), unravel(jnp.asarray(v)), previous
   )
   want = dense_bfgs_inverse(pairs + [(s, y)], n, memory, initial_diagonal=d)
@@ -192,7 +259,7 @@ def test_update_and_apply_matches_dense_recursion(x64, num_pairs, diagonal, with
   unravel_state = update(state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)))
   for x, w in zip(jax.tree.leaves(new), jax.tree.leaves(unravel_state), strict=True):
     np.testing.assert_allclose(x, w, rtol=1e-10, atol=1e-12)
-  again = hfjax.lbfgs_project(new, unravel(jnp.asarray(v)))
+  again = lbfgs_project(new, unravel(jnp.asarray(v)))
   np.testing.assert_allclose(projections.s_v, again.s_v, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(projections.y_dv, again.y_dv, rtol=1e-10, atol=1e-12)
 
@@ -202,9 +269,7 @@ def test_update_and_apply_skips_a_bad_pair(x64):
   state, unravel, pairs, n, _ = _pytree_setup(2, 3, rng)
   v = unravel(jnp.asarray(rng.standard_normal(n)))
   for s, y in bad_pairs(n, rng):
-    new, z, _ = hfjax.lbfgs_update_and_apply(
-      state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)), v
-    )
+    new, z, _ = lbfgs_update_and_apply(state, unravel(jnp.asarray(s)), unravel(jnp.asarray(y)), v)
     assert_states_equal(new, state)
     np.testing.assert_allclose(
       ravel_pytree(z)[0], ravel_pytree(hfjax.lbfgs_apply(state, v))[0], rtol=1e-12
@@ -220,8 +285,8 @@ def test_stored_pairs_with_refreshed_products_match_updates(x64, diagonal):
   empty = hfjax.lbfgs_init(jnp.zeros(n), memory, initial_diagonal=None if d is None else d)
   stored = empty
   for s, y in pairs:
-    stored = jax.jit(hfjax.lbfgs_store_pair)(stored, jnp.asarray(s), jnp.asarray(y))
-  stored = hfjax.lbfgs_refresh_products(stored)
+    stored = jax.jit(lbfgs_store_pair)(stored, jnp.asarray(s), jnp.asarray(y))
+  stored = lbfgs_refresh_products(stored)
   want = dense_bfgs_inverse(pairs, n, memory, initial_diagonal=d)
   np.testing.assert_allclose(materialise(stored, jnp.eye(n)), want, rtol=1e-10, atol=1e-12)
   updated = fill(empty, pairs)
@@ -236,7 +301,7 @@ def test_stored_pairs_with_refreshed_products_match_updates(x64, diagonal):
 def test_flat_memory_layout_is_the_same_approximation(x64):
   rng = np.random.default_rng(110)
   state, unravel, pairs, n, _ = _pytree_setup(4, 3, rng)
-  flat = hfjax.preconditioners.flatten_memory(state)
+  flat = flatten_memory(state)
   assert jax.tree.map(jnp.shape, flat.s_memory) == {"w": (3, 6), "b": (3, 2)}
   v = unravel(jnp.asarray(rng.standard_normal(n)))
   np.testing.assert_allclose(
@@ -246,9 +311,8 @@ def test_flat_memory_layout_is_the_same_approximation(x64):
   )
   s, y = random_pairs(1, n, rng)[0]
   s, y = unravel(jnp.asarray(s)), unravel(jnp.asarray(y))
-  unflatten = hfjax.preconditioners.unflatten_memory
-  assert_states_equal(unflatten(flat, v), state)
-  back = unflatten(hfjax.lbfgs_update(flat, s, y), v)
+  assert_states_equal(unflatten_memory(flat, v), state)
+  back = unflatten_memory(hfjax.lbfgs_update(flat, s, y), v)
   want = hfjax.lbfgs_update(state, s, y)
   for x, w in zip(jax.tree.leaves(back), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(x, w, rtol=1e-12)

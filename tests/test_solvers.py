@@ -277,53 +277,74 @@ def test_lbfgs_preconditioner_updated_within_solve_converges(x64):
   assert int(got.preconditioner_state.num_pairs) == min(memory, int(got.num_steps))
 
 
-def plain_lbfgs_pcg(a, b, pairs, memory, steps, *, update):
+def plain_lbfgs_pcg(a, b, pairs, memory, steps, *, update, initial_matrix=None):
   """Flexible PCG in a NumPy loop with the dense BFGS inverse of the pairs as preconditioner:
-  rebuilt after every step from the pairs so far (``update``), or kept fixed."""
+  rebuilt after every step from the pairs so far (``update``), or kept fixed; from
+  ``initial_matrix`` as H0 when given, else gamma I. Returns the iterates and the new pairs."""
   n = len(b)
   pairs, new_pairs = list(pairs), []
-  h = dense_bfgs_inverse(pairs, n, memory)
+  inverse = lambda held: dense_bfgs_inverse(held, n, memory, initial_matrix=initial_matrix)
+  h = inverse(pairs)
   x, r = np.zeros(n), b.copy()
   z = h @ r
   p, rz = z.copy(), r @ z
+  iterates = [x]
   for _ in range(steps):
     ap = a @ p
     alpha = rz / (p @ ap)
     x, r_new = x + alpha * p, r - alpha * ap
+    iterates.append(x)
     new_pairs.append((alpha * p, alpha * ap))
     if update:
-      h = dense_bfgs_inverse(pairs + new_pairs, n, memory)
+      h = inverse(pairs + new_pairs)
     z = h @ r_new
     beta = z @ (r_new - r) / rz
     p, r, rz = z + beta * p, r_new, r_new @ z
-  return x, new_pairs
+  return np.array(iterates), new_pairs
 
 
+@pytest.mark.parametrize("initial", [False, True])
 @pytest.mark.parametrize("update", [True, False])
-def test_lbfgs_pcg_matches_plain_loop_with_dense_bfgs(x64, update):
-  # Memory 3 and 7 steps: the ring buffer wraps twice within the solve.
+def test_lbfgs_pcg_matches_plain_loop_with_dense_bfgs(x64, update, initial):
+  # Memory 3 and 7 steps: the ring buffer wraps twice within the solve. With ``initial``, a
+  # dense SPD H0 replaces gamma I (``initial_preconditioner``).
   rng = np.random.default_rng(8)
   n, memory, steps = N, 3, 7
   a, b = random_spd(n, 1e3, rng), rng.standard_normal(n)
   old_pairs = [(s, random_spd(n, 10.0, rng) @ s) for s in rng.standard_normal((2, n))]
+  h0 = random_spd(n, 10.0, rng) / 10.0 if initial else None
   state = hfjax.lbfgs_init(jnp.zeros(n), memory)
   for s, y in old_pairs:
     state = hfjax.lbfgs_update(state, jnp.asarray(s), jnp.asarray(y))
   got = jax.jit(
-    lambda a, b, state: hfjax.cg(
+    lambda a, b, state, h0: hfjax.cg(
       lambda v: a @ v,
       b,
       preconditioner=state,
       update_preconditioner=update,
+      initial_preconditioner=None if h0 is None else (lambda v: h0 @ v),
       max_steps=steps,
       tol=0.0,
     )
-  )(jnp.asarray(a), jnp.asarray(b), state)
-  want_x, new_pairs = plain_lbfgs_pcg(a, b, old_pairs, memory, steps, update=update)
+  )(jnp.asarray(a), jnp.asarray(b), state, None if h0 is None else jnp.asarray(h0))
+  iterates, new_pairs = plain_lbfgs_pcg(
+    a, b, old_pairs, memory, steps, update=update, initial_matrix=h0
+  )
+  want_x = iterates[-1]
   assert int(got.num_steps) == steps
   np.testing.assert_allclose(got.x, want_x, rtol=1e-8, atol=1e-10)
+  # Step for step: every recorded iterate (steps 1, 2, 3, 4, 5 and 7) is the loop's.
+  recorded = np.asarray(got.iterate_steps)
+  np.testing.assert_array_equal(recorded[recorded >= 0], [1, 2, 3, 4, 5, 7])
+  np.testing.assert_allclose(
+    np.asarray(got.iterates)[recorded >= 0],
+    iterates[recorded[recorded >= 0]],
+    rtol=1e-8,
+    atol=1e-10,
+  )
   # Within the solve the memory ends with the newest pairs of all; with a fixed
-  # preconditioner it holds the solve's own pairs, collected in a fresh memory.
+  # preconditioner it holds the solve's own pairs, collected in a fresh memory. It holds the
+  # pairs themselves (gamma I unless told otherwise), whatever H0 the solve used.
   held = old_pairs + new_pairs if update else new_pairs
   np.testing.assert_allclose(
     jax.vmap(lambda e: hfjax.lbfgs_apply(got.preconditioner_state, e))(jnp.eye(n)),
@@ -331,6 +352,15 @@ def test_lbfgs_pcg_matches_plain_loop_with_dense_bfgs(x64, update):
     rtol=1e-8,
     atol=1e-10,
   )
+  if initial:
+    np.testing.assert_allclose(
+      jax.vmap(lambda e: hfjax.lbfgs_apply(got.preconditioner_state, e, initial=lambda v: h0 @ v))(
+        jnp.eye(n)
+      ),
+      dense_bfgs_inverse(held, n, memory, initial_matrix=h0),
+      rtol=1e-8,
+      atol=1e-10,
+    )
 
 
 def test_collected_lbfgs_pairs_speed_up_a_sequence_of_nearby_systems(x64):
@@ -554,6 +584,10 @@ def _matvec(v):
   return 2.0 * v
 
 
+_EMPTY_LBFGS = hfjax.lbfgs_init(jnp.zeros(3), 2)
+_EMPTY_LBFGS_DIAGONAL = hfjax.lbfgs_init(jnp.zeros(3), 2, initial_diagonal=jnp.ones(3))
+
+
 @pytest.mark.parametrize(
   ("kwargs", "error", "match"),
   [
@@ -565,6 +599,18 @@ def _matvec(v):
     ({"num_recorded": 0}, ValueError, "num_recorded"),
     ({"preconditioner": "lbfgs"}, TypeError, "preconditioner"),
     ({"preconditioner": 3.0}, TypeError, "preconditioner"),
+    ({"initial_preconditioner": _matvec}, TypeError, "initial_preconditioner"),
+    (
+      {"preconditioner": lambda r: r, "initial_preconditioner": _matvec},
+      TypeError,
+      "initial_preconditioner",
+    ),
+    ({"preconditioner": _EMPTY_LBFGS, "initial_preconditioner": 2.0}, TypeError, "initial"),
+    (
+      {"preconditioner": _EMPTY_LBFGS_DIAGONAL, "initial_preconditioner": _matvec},
+      ValueError,
+      "initial_diagonal",
+    ),
   ],
 )
 def test_bad_arguments_raise_at_trace_time(kwargs, error, match):
