@@ -238,7 +238,7 @@ def materialise(matvec, params, transposed):
 def test_kronecker_block_is_the_gauss_newton_block_of_a_linear_layer(x64, transposed, steps):
   # Linear layer + squared error: the Gauss-Newton block is exactly A (x) E[G], with
   # E[G] = (rows per example) c I; A averages over all rows, G sums them per example.
-  apply_fn, params, batch = linear_problem(transposed, steps)
+  apply_fn, params, batch = linear_problem(transposed, steps, n=400)
   layout = layers.find_dense_layers(apply_fn, params, batch[0])
   assert layout.layers[0].kernel_in_axis == (1 if transposed else 0)
   factors = factors_of(apply_fn, mean_l2_loss, params, batch, jax.random.key(0))
@@ -248,6 +248,15 @@ def test_kronecker_block_is_the_gauss_newton_block_of_a_linear_layer(x64, transp
   want = materialise(jax.jit(matvec), params, transposed)
   got = np.kron(factors.a_factors[0], rows * c * np.eye(3))
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  # The sampled G within five standard errors of E[G]; the errors from another draw of the
+  # per-example sums S_n = sum over the example's rows of u u^T, whose mean over n is G.
+  u = kfac.sample_output_cotangents(
+    kfac.OutputLoss("squared_error", c), batch[1], jax.random.key(1)
+  )
+  u = np.asarray(u).reshape(u.shape[0], rows, 3)
+  sums = np.einsum("nti,ntj->nij", u, u)
+  se = sums.std(0) / np.sqrt(len(sums))
+  np.testing.assert_array_less(np.abs(factors.g_factors[0] - rows * c * np.eye(3)), 5 * se)
 
 
 # --- Damped inverse -------------------------------------------------------------------------
