@@ -1,6 +1,7 @@
 """Cost and memory of :func:`hfjax.cg` on the damped Gauss-Newton system of the MNIST autoencoder.
 
-Run as ``python -m benchmarks.bench_cg``. The system is ``(G + lambda I) x = b`` with ``G`` the
+Run as ``python -m benchmarks.bench_cg`` (absl flags, e.g. ``--parts=a --memories-a=10,5``;
+``--help`` lists them). The system is ``(G + lambda I) x = b`` with ``G`` the
 Gauss-Newton matrix of the autoencoder on a batch of random [0, 1] inputs and ``b`` minus the
 gradient on the same batch. Every timed function is jitted as ``(params, batch, b) -> ...``
 and linearises the model itself, once, so all of them pay the same one-off linearisation.
@@ -10,27 +11,54 @@ and linearises the model itself, once, so all of them pay the same one-off linea
   products with the same matrix; the difference, per step, is divided by the cost of one
   product (the slope between loops of 1 and ``--steps`` products). Beside it, the floor of
   any L-BFGS preconditioner: a loop that only reads the memory as often as a product must
-  (twice), timed per step against the same matvec.
+  (twice), timed per step against the same matvec. L-BFGS with a callable initial matrix
+  (``initial_preconditioner``, here a diagonal) is timed for the ``--memories-h0`` sizes.
 * Part b: steps and time to a relative residual ``--residual-tol`` against
   :func:`jax.scipy.sparse.linalg.cg` (same matrix, same cap). jax's CG reports no step
   count, so a separate untimed run counts its matvec calls with a host callback.
 * Part c: peak memory of a solve from XLA's compiled memory analysis, in parameter vectors,
   over L-BFGS memory sizes and iterate-recording budgets. The model's linearisation (the
   residuals of ``jax.linearize``) is not the solver's: a function that only linearises and
-  applies one product is measured as the baseline and subtracted.
+  applies one product is measured as the baseline and subtracted. A last table has the
+  in-solve L-BFGS with a callable (diagonal) initial matrix, which also keeps ``H0 y``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
+import types
 
 import jax
 import jax.flatten_util
 import optax
+from absl import app, flags
 
 import hfjax
 from benchmarks import common
+
+_PARTS = flags.DEFINE_string("parts", "abc", "which parts to run, e.g. 'ac'")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 1000, "curvature batch size")
+_DAMPING = flags.DEFINE_float("damping", 1.0, "lambda of G + lambda I")
+_STEPS = flags.DEFINE_integer("steps", 10, "a: CG steps per timed solve", lower_bound=2)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "a: interleaved timing rounds")
+_MEMORIES_A = flags.DEFINE_list("memories-a", ["10", "5"], "a: L-BFGS memory sizes m")
+_MEMORIES_H0 = flags.DEFINE_list(
+  "memories-h0", ["10"], "a: memory sizes also timed with a callable (diagonal) initial matrix"
+)
+_RESIDUAL_TOL = flags.DEFINE_float("residual-tol", 0.1, "b: relative residual")
+_MAX_STEPS = flags.DEFINE_integer("max-steps", 250, "b: step cap of both solvers")
+_REPEATS_B = flags.DEFINE_integer("repeats-b", 3, "b: interleaved timing rounds")
+_MEMORIES = flags.DEFINE_list("memories", ["0", "5", "10", "20"], "c: L-BFGS memory sizes m")
+_RECORDED = flags.DEFINE_integer("recorded", 4, "c: num_recorded besides None")
+_MEMORY_MAX_STEPS = flags.DEFINE_integer("memory-max-steps", 250, "c: max_steps")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the parameters and the batch")
+
+for _sizes in (_MEMORIES_A, _MEMORIES_H0, _MEMORIES):
+  flags.register_validator(
+    _sizes.name,
+    lambda sizes: all(size.isdigit() for size in sizes),
+    message="memory sizes are non-negative integers, comma separated",
+  )
 
 
 def damped_matvec(params, batch, damping):
@@ -38,11 +66,17 @@ def damped_matvec(params, batch, damping):
   return lambda u: optax.tree.add_scale(matvec(u), damping, u)
 
 
-def cg_solver(damping, *, memory=0, update=True, fixed_memory=False, **cg_kwargs):
-  """A jitted ``(params, batch, b[, memory]) -> (x, num_steps, stop_reason)``.
+def diagonal_initial(b, damping):
+  """A callable diagonal H0 with a realistic spread: ``v / (b * b + lambda) ** 0.75``."""
+  return hfjax.diagonal_preconditioner(optax.tree.mul(b, b), damping)
+
+
+def cg_solver(damping, *, memory=0, update=True, initial=False, **cg_kwargs):
+  """A jitted ``(params, batch, b[, state]) -> (x, num_steps, stop_reason)``.
 
   ``memory`` > 0 preconditions with an L-BFGS memory of that size: an empty one created in
-  the solve, or with ``fixed_memory`` the one passed as a fourth argument.
+  the solve, or the one passed as a fourth argument; ``initial`` gives it the callable
+  :func:`diagonal_initial` as its initial matrix.
   """
 
   def solve(params, batch, b, state=None):
@@ -53,6 +87,7 @@ def cg_solver(damping, *, memory=0, update=True, fixed_memory=False, **cg_kwargs
       b,
       preconditioner=state if memory else None,
       update_preconditioner=update,
+      initial_preconditioner=diagonal_initial(b, damping) if initial else None,
       **cg_kwargs,
     )
     return result.x, result.num_steps, result.stop_reason
@@ -115,10 +150,14 @@ def part_a(args, params, batch, b) -> None:
   print(f"\n## a. CG cost per step beyond the matvec: {n} steps, lambda={lam}")
   loop_1, loop_n = common.matvec_loop(1, damping=lam), common.matvec_loop(n, damping=lam)
   exact = dict(tol=0.0, residual_tol=0.0, max_steps=n)
-  solvers = {"none": cg_solver(lam, **exact)}
+  variants = {"none": dict()}
   for m in args.memories_a:
-    solvers[f"lbfgs{m}_in_solve"] = cg_solver(lam, memory=m, **exact)
-    solvers[f"lbfgs{m}_fixed"] = cg_solver(lam, memory=m, update=False, **exact)
+    variants[f"lbfgs{m}_in_solve"] = dict(memory=m)
+    variants[f"lbfgs{m}_fixed"] = dict(memory=m, update=False)
+  for m in args.memories_h0:
+    variants[f"lbfgs{m}_h0_in_solve"] = dict(memory=m, initial=True)
+    variants[f"lbfgs{m}_h0_fixed"] = dict(memory=m, update=False, initial=True)
+  solvers = {name: cg_solver(lam, **options, **exact) for name, options in variants.items()}
   # The fixed (Morales-Nocedal) policy applies a memory from an earlier solve: take the pairs
   # of an in-solve run so that it works on real pairs.
   pairs = {
@@ -129,14 +168,13 @@ def part_a(args, params, batch, b) -> None:
         ).preconditioner_state
       )
     )(params, batch, b)
-    for m in args.memories_a
+    for m in {*args.memories_a, *args.memories_h0}
   }
-  calls = {"none": functools.partial(solvers["none"], params, batch, b)}
-  for m in args.memories_a:
-    calls[f"lbfgs{m}_in_solve"] = functools.partial(solvers[f"lbfgs{m}_in_solve"], params, batch, b)
-    calls[f"lbfgs{m}_fixed"] = functools.partial(
-      solvers[f"lbfgs{m}_fixed"], params, batch, b, pairs[m]
-    )
+  fixed_memory = lambda options: () if options.get("update", True) else (pairs[options["memory"]],)
+  calls = {
+    name: functools.partial(solvers[name], params, batch, b, *fixed_memory(options))
+    for name, options in variants.items()
+  }
   fns = {"loop_1": lambda: loop_1(params, batch, b), f"loop_{n}": lambda: loop_n(params, batch, b)}
   fns |= {f"cg_{name}": call for name, call in calls.items()}
   # The least any L-BFGS product can cost: one pass over each half of the memory for the
@@ -314,29 +352,52 @@ def part_c(args, params, batch, b) -> None:
       f"| {memory} | {args.recorded} | {slots} | {peak / vector:.2f} | {extra:.2f} "
       f"| {extra - 4 * memory - slots:.2f} |"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ac'")
-  parser.add_argument("--batch-size", type=int, default=1000, help="curvature batch size")
-  parser.add_argument("--damping", type=float, default=1.0, help="lambda of G + lambda I")
-  parser.add_argument("--steps", type=int, default=10, help="a: CG steps per timed solve")
-  parser.add_argument("--repeats", type=int, default=5, help="a: interleaved timing rounds")
-  parser.add_argument(
-    "--memories-a", type=int, nargs="+", default=[10, 5], help="a: L-BFGS memory sizes m"
+  # With a callable initial matrix the in-solve memory also keeps H0 y: 3m vectors.
+  print(
+    "\n| in-solve L-BFGS m, diagonal H0 | num_recorded | slots | solve peak | minus baseline "
+    "| minus (3m + slots) |"
   )
-  parser.add_argument("--residual-tol", type=float, default=0.1, help="b: relative residual")
-  parser.add_argument("--max-steps", type=int, default=250, help="b: step cap of both solvers")
-  parser.add_argument("--repeats-b", type=int, default=3, help="b: interleaved timing rounds")
-  parser.add_argument("--memories", type=int, nargs="+", default=[0, 5, 10, 20], help="c: m")
-  parser.add_argument("--recorded", type=int, default=4, help="c: num_recorded besides None")
-  parser.add_argument("--memory-max-steps", type=int, default=250, help="c: max_steps")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.steps < 2:
-    parser.error("--steps must be at least 2.")
+  print("|---|---|---|---|---|---|")
+  for memory in [m for m in args.memories if m]:
 
+    def solve_h0(p, bt, rhs, memory=memory):
+      return hfjax.cg(
+        damped_matvec(p, bt, lam),
+        rhs,
+        preconditioner=hfjax.lbfgs_init(rhs, memory),
+        initial_preconditioner=diagonal_initial(rhs, lam),
+        max_steps=cap,
+        num_recorded=args.recorded,
+      )
+
+    peak, _ = peak_bytes(solve_h0, params, batch, b)
+    extra = (peak - base) / vector
+    print(
+      f"| {memory} | {args.recorded} | {slots} | {peak / vector:.2f} | {extra:.2f} "
+      f"| {extra - 3 * memory - slots:.2f} |"
+    )
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  sizes = lambda holder: [int(size) for size in holder.value]
+  args = types.SimpleNamespace(
+    parts=_PARTS.value,
+    batch_size=_BATCH_SIZE.value,
+    damping=_DAMPING.value,
+    steps=_STEPS.value,
+    repeats=_REPEATS.value,
+    memories_a=sizes(_MEMORIES_A),
+    memories_h0=sizes(_MEMORIES_H0),
+    residual_tol=_RESIDUAL_TOL.value,
+    max_steps=_MAX_STEPS.value,
+    repeats_b=_REPEATS_B.value,
+    memories=sizes(_MEMORIES),
+    recorded=_RECORDED.value,
+    memory_max_steps=_MEMORY_MAX_STEPS.value,
+    seed=_SEED.value,
+  )
   common.print_header("bench_cg: hfjax.cg on the damped Gauss-Newton system", args)
   params, batch, _ = common.setup(args.seed, args.batch_size)
   b = optax.tree.scale(-1.0, jax.jit(jax.grad(common.batch_loss))(params, batch))
@@ -353,4 +414,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
