@@ -1,8 +1,25 @@
-"""``hfjax.hessian_free``: Hessian-free optimization as an Optax transformation."""
+"""``hfjax.hessian_free``: Hessian-free optimization as an Optax transformation.
+
+One outer step (``update_fn`` in :func:`hessian_free`) is an outline over the phases below,
+each a module-level function that can be read and tested alone:
+
+1. resolve the batches and the problem of the step (:func:`_resolve_batches`, :func:`_resolve`);
+2. build the preconditioner (:func:`_build_preconditioner`: one entry per option in
+   ``_PRECONDITIONERS``);
+3. minimise the damped quadratic model with :func:`hfjax.cg` (:func:`_solve`);
+4. CG backtracking over the recorded iterates (:func:`_backtrack`);
+5. Armijo line search along the chosen iterate (:func:`_line_search`);
+6. Levenberg-Marquardt damping (:func:`_adapt_damping`);
+7. the L-BFGS pairs and sample sizes for the next step (:func:`_next_lbfgs`,
+   :func:`_next_sampling`);
+8. diagnostics (:func:`_diagnostics`).
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +28,31 @@ import optax
 from hfjax import curvature, sampling
 from hfjax._tree import all_finite, as_accumulation, finite_or
 from hfjax.preconditioners import LBFGSState, diagonal_preconditioner, lbfgs_init
-from hfjax.solvers import CGStopReason, cg
+from hfjax.solvers import CGResult, CGStopReason, cg
 
-PRECONDITIONERS = ("none", "martens", "jacobi", "lbfgs")
-LBFGS_PAIRS = ("within", "previous")
+PreconditionerName = Literal["none", "martens", "jacobi", "lbfgs"]
+"""The ``preconditioner`` option of :func:`hessian_free` (see ``_PRECONDITIONERS``)."""
+
+LBFGSPairs = Literal["within", "previous"]
+"""Where the L-BFGS pairs come from: the solve itself (flexible PCG) or the previous solve."""
+
+PRECONDITIONERS: tuple[str, ...] = get_args(PreconditionerName)
+LBFGS_PAIRS: tuple[str, ...] = get_args(LBFGSPairs)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; choose one of {choices}.")
+
+
+def _positive(name: str, value: float) -> None:
+  if not value > 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+def _positive_int(name: str, value: int) -> None:
+  if int(value) != value or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 class DampingConfig(NamedTuple):
@@ -33,6 +71,14 @@ class DampingConfig(NamedTuple):
   minimum: float = 1e-8
   maximum: float = 1e8
 
+  def _check(self) -> None:
+    if not (self.increase > 1 and 0 < self.decrease < 1):
+      raise ValueError(f"damping needs increase > 1 and 0 < decrease < 1, got {self}.")
+    if not 0 < self.minimum <= self.maximum:
+      raise ValueError(f"damping needs 0 < minimum <= maximum, got {self}.")
+    if not self.low <= self.high:
+      raise ValueError(f"damping needs low <= high, got {self}.")
+
 
 class LineSearchConfig(NamedTuple):
   """Armijo backtracking line search on the step chosen by CG backtracking.
@@ -45,6 +91,30 @@ class LineSearchConfig(NamedTuple):
   armijo: float = 1e-2
   shrink: float = 0.8
   max_steps: int = 20
+
+  def _check(self) -> None:
+    if not (0 <= self.armijo < 1 and 0 < self.shrink < 1):
+      raise ValueError(f"line_search needs 0 <= armijo < 1 and 0 < shrink < 1, got {self}.")
+    _positive_int("line_search.max_steps", self.max_steps)
+
+
+def _config(name: str, value: Any, kind: type[DampingConfig] | type[LineSearchConfig]) -> Any:
+  """``value`` checked as a ``kind``; ``None`` gives ``kind``'s defaults."""
+  if value is None:
+    return kind()
+  if not isinstance(value, kind):
+    raise TypeError(f"{name} must be an hfjax.{kind.__name__}, got {type(value).__name__}.")
+  value._check()
+  return value
+
+
+def _schedule(name: str, value: Any) -> sampling.SampleSchedule:
+  """``value`` checked as a schedule; ``None`` (the caller picks the sizes) gives a stand-in."""
+  if value is None:
+    return sampling.SampleSchedule("fixed", 1, 1)
+  if not isinstance(value, sampling.SampleSchedule):
+    raise TypeError(f"{name} must be an hfjax.SampleSchedule, got {value!r}.")
+  return value
 
 
 class HessianFreeInfo(NamedTuple):
@@ -89,6 +159,19 @@ class HessianFreeInfo(NamedTuple):
   line_search_evaluations: jax.Array
 
 
+_FLOAT_INFO = ("rho", "line_search_step", "loss_before", "loss_after")
+_BOOL_INFO = ("accepted", "non_finite")
+
+
+def _fresh_info() -> HessianFreeInfo:
+  def zero(name):
+    dtype = jnp.float32 if name in _FLOAT_INFO else bool if name in _BOOL_INFO else jnp.int32
+    return jnp.zeros((), dtype)
+
+  # A fresh buffer per field: leaves sharing one buffer could not be donated to a jitted step.
+  return HessianFreeInfo(*map(zero, HessianFreeInfo._fields))
+
+
 class HessianFreeState(NamedTuple):
   """State of :func:`hessian_free`.
 
@@ -101,6 +184,9 @@ class HessianFreeState(NamedTuple):
     sampling: sample sizes for the next step (:class:`hfjax.SamplingState`); ``None`` when
       neither ``gradient_schedule`` nor ``curvature_schedule`` was given.
     info: diagnostics of the last step (:class:`HessianFreeInfo`).
+    preconditioner: the preconditioner's own state carried between steps; ``None`` for those
+      that keep none (all of ``"none"``, ``"martens"``, ``"jacobi"`` and ``"lbfgs"``, whose
+      pairs are ``lbfgs``).
   """
 
   count: jax.Array
@@ -110,69 +196,480 @@ class HessianFreeState(NamedTuple):
   key: jax.Array
   sampling: sampling.SamplingState | None
   info: HessianFreeInfo
+  preconditioner: Any = None
 
 
-def _positive(name: str, value: float) -> None:
-  if not value > 0:
-    raise ValueError(f"{name} must be > 0, got {value!r}.")
+class _Options(NamedTuple):
+  """The static options of one :func:`hessian_free`, as its arguments document them."""
+
+  apply_fn: curvature.ApplyFn
+  loss_fn: curvature.LossFn
+  preconditioner: str
+  memory_size: int
+  lbfgs_pairs: str
+  max_cg_steps: int
+  cg_tol: float
+  initial_damping: float
+  damping: DampingConfig
+  line_search: LineSearchConfig
+  warm_start_decay: float
+  num_recorded_iterates: int | None
+  gradient_schedule: sampling.SampleSchedule
+  curvature_schedule: sampling.SampleSchedule
+  tracked: bool  # whether a schedule was given, so the state tracks sample sizes
+  chunk_size: int
+  seed: int
+
+  def _check(self) -> None:
+    _check_choice("preconditioner", self.preconditioner, tuple(_PRECONDITIONERS))
+    _check_choice("lbfgs_pairs", self.lbfgs_pairs, LBFGS_PAIRS)
+    _positive_int("memory_size", self.memory_size)
+    _positive_int("max_cg_steps", self.max_cg_steps)
+    _positive("initial_damping", self.initial_damping)
+    if self.cg_tol < 0:
+      raise ValueError(f"cg_tol must be >= 0, got {self.cg_tol!r}.")
+    if not 0 <= self.warm_start_decay <= 1:
+      raise ValueError(f"warm_start_decay must be in [0, 1], got {self.warm_start_decay!r}.")
+    if self.num_recorded_iterates is not None:
+      _positive_int("num_recorded_iterates", self.num_recorded_iterates)
+    if self.curvature_schedule.kind == "variance":
+      raise ValueError(
+        "curvature_schedule cannot be a variance test: the variance test schedules the "
+        "gradient sample only (pass it as gradient_schedule)."
+      )
+    _positive_int("chunk_size", self.chunk_size)
+
+  @property
+  def keep_pairs(self) -> bool:
+    """Whether L-BFGS pairs are carried from one solve to the next (Morales & Nocedal)."""
+    return _PRECONDITIONERS[self.preconditioner].lbfgs and self.lbfgs_pairs == "previous"
+
+  @property
+  def variance_test(self) -> bool:
+    return self.gradient_schedule.kind == "variance"
 
 
-def _positive_int(name: str, value: int) -> None:
-  if int(value) != value or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+# 1. The problem of one outer step.
 
 
-def _validate(**options) -> None:
-  if options["preconditioner"] not in PRECONDITIONERS:
+class _Batches(NamedTuple):
+  """The three batches of a step; later ones default to the one before (same object)."""
+
+  gradient: Any
+  curvature: Any
+  validation: Any
+  gradient_size: int
+  curvature_size: int
+
+
+class _Problem(NamedTuple):
+  """One outer step's inputs, checked and resolved.
+
+  Attributes:
+    params: the incoming parameters.
+    grads: the incoming updates in their accumulation dtype, zeros unless ``inputs_ok``.
+    batches: the step's batches.
+    loss: ``loss(step, data)``: the loss at ``params + step`` on ``data``, in the dtype in
+      which losses are compared.
+    loss_before: :math:`f(\\theta)` on the gradient batch.
+    inputs_ok: whether the gradient and ``loss_before`` are finite.
+    damped_matvec: :math:`v \\mapsto (G + \\lambda I) v` on the curvature batch.
+    damping: :math:`\\lambda`.
+    key: a PRNG key for preconditioners that draw random vectors.
+  """
+
+  params: optax.Params
+  grads: optax.Updates
+  batches: _Batches
+  loss: Callable[[Any, Any], jax.Array]
+  loss_before: jax.Array
+  inputs_ok: jax.Array
+  damped_matvec: Callable[[Any], Any]
+  damping: jax.Array
+  key: jax.Array
+
+
+def _resolve_batches(params, batch, curvature_batch, validation_batch) -> _Batches:
+  if params is None:
+    raise ValueError("hessian_free needs params: call update(grads, state, params, batch=...).")
+  if batch is None:
+    raise ValueError("hessian_free needs the gradient batch: update(..., batch=(inputs, targets)).")
+  curvature.check_params(params)
+  n_batch = curvature.batch_size(batch)
+  curvature_batch = batch if curvature_batch is None else curvature_batch
+  validation_batch = curvature_batch if validation_batch is None else validation_batch
+  n_curv = curvature.batch_size(curvature_batch)
+  curvature.batch_size(validation_batch)
+  if n_curv > n_batch:
     raise ValueError(
-      f"unknown preconditioner {options['preconditioner']!r}; choose one of {PRECONDITIONERS}."
+      f"curvature batch ({n_curv} examples) is larger than the gradient batch ({n_batch}); "
+      "the curvature sample should be a subsample."
     )
-  if options["lbfgs_pairs"] not in LBFGS_PAIRS:
-    raise ValueError(
-      f"unknown lbfgs_pairs {options['lbfgs_pairs']!r}; choose one of {LBFGS_PAIRS}."
+  return _Batches(batch, curvature_batch, validation_batch, n_batch, n_curv)
+
+
+def _loss_at(options: _Options, params: optax.Params, dtype: jnp.dtype):
+  def loss(step, data):
+    inputs, targets = curvature.split_batch(data)
+    moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
+    return jnp.asarray(options.loss_fn(options.apply_fn(moved, inputs), targets), dtype)
+
+  return loss
+
+
+def _damped(matvec, params: optax.Params, damping: jax.Array):
+  def damped_matvec(v):
+    gv = as_accumulation(matvec(optax.tree.cast_like(v, params)))
+    return optax.tree.add_scale(optax.tree.cast_like(gv, v), damping, v)
+
+  return damped_matvec
+
+
+def _resolve(options, batches, updates, params, loss, damping, key) -> _Problem:
+  grads = as_accumulation(updates)
+  if jax.tree.structure(grads) != jax.tree.structure(params):
+    raise ValueError("updates (the gradients) must have the tree structure of params.")
+  # Losses are compared in the parameters' accumulation precision: float64 problems must
+  # see improvements below float32 resolution.
+  dtype = jnp.result_type(*jax.tree.leaves(grads))
+  loss_at = _loss_at(options, params, dtype)
+  # Linearising first also checks, with a clear error, that the model outputs fit the
+  # targets and that loss_fn returns a scalar, before anything else touches the loss.
+  gn_matvec, _ = curvature.gauss_newton_matvec(
+    options.apply_fn, options.loss_fn, params, batches.curvature
+  )
+  zero_step = optax.tree.zeros_like(grads)
+  f0 = loss_at(zero_step, batches.gradient) if loss is None else jnp.asarray(loss, dtype)
+  inputs_ok = all_finite(grads) & jnp.isfinite(f0)
+  grads = optax.tree.where(inputs_ok, grads, zero_step)
+  damped_matvec = _damped(gn_matvec, params, damping)
+  return _Problem(params, grads, batches, loss_at, f0, inputs_ok, damped_matvec, damping, key)
+
+
+# 2. Preconditioners: one builder per option, looked up in _PRECONDITIONERS.
+
+
+class _Preconditioning(NamedTuple):
+  """What a preconditioner option hands to :func:`hfjax.cg` for one solve.
+
+  Attributes:
+    preconditioner: ``cg``'s ``preconditioner``: a callable ``r -> z``, an
+      :class:`hfjax.LBFGSState` or ``None``.
+    update_within: whether ``cg`` adds the solve's own pairs to an L-BFGS preconditioner as
+      it goes (flexible PCG); ``False`` keeps it fixed for the solve.
+    state: the option's own state for the next step (``HessianFreeState.preconditioner``).
+  """
+
+  preconditioner: Any
+  update_within: bool = True
+  state: Any = None
+
+
+def _gradient_sums(options: _Options, params: optax.Params, data: Any) -> tuple[Any, Any]:
+  """Sums over ``data`` of the per-example gradients and of their squares."""
+  return curvature.squared_gradient_sum(
+    options.apply_fn, options.loss_fn, params, data, chunk_size=options.chunk_size
+  )
+
+
+def _no_preconditioner(options, problem, state) -> _Preconditioning:
+  del options, problem, state
+  return _Preconditioning(None)
+
+
+def _martens_diagonal(options, problem, state) -> _Preconditioning:
+  """Martens' (2010) empirical-Fisher diagonal on the curvature batch."""
+  del state
+  _, sum_g2 = _gradient_sums(options, problem.params, problem.batches.curvature)
+  diag = jax.tree.map(lambda s: s / problem.batches.curvature_size, sum_g2)
+  return _Preconditioning(diagonal_preconditioner(diag, problem.damping))
+
+
+def _jacobi_diagonal(options, problem, state) -> _Preconditioning:
+  """Chapelle & Erhan's (2011) Rademacher estimate of the Gauss-Newton diagonal."""
+  del state
+  diag = curvature.gauss_newton_diagonal_estimate(
+    options.apply_fn,
+    options.loss_fn,
+    problem.params,
+    problem.batches.curvature,
+    problem.key,
+    chunk_size=options.chunk_size,
+  )
+  return _Preconditioning(diagonal_preconditioner(diag, problem.damping))
+
+
+def _lbfgs(options, problem, state) -> _Preconditioning:
+  """Sainath et al.'s (2013) L-BFGS from this solve's pairs, or Morales & Nocedal's (2000)
+  from the previous solve's, fixed within this one."""
+  if options.keep_pairs:
+    return _Preconditioning(state.lbfgs, update_within=False)
+  return _Preconditioning(lbfgs_init(problem.params, options.memory_size))
+
+
+def _no_state(options, params) -> None:
+  del options, params
+
+
+class _PreconditionerKind(NamedTuple):
+  """One ``preconditioner`` option of :func:`hessian_free`.
+
+  Attributes:
+    build: ``build(options, problem, state) -> _Preconditioning`` for each solve, from the
+      step's :class:`_Problem` and the incoming :class:`HessianFreeState`.
+    init: ``init(options, params)``: the option's first ``HessianFreeState.preconditioner``.
+    lbfgs: whether the option applies L-BFGS pairs, which ``lbfgs_pairs="previous"`` then
+      carries between solves in ``HessianFreeState.lbfgs``.
+  """
+
+  build: Callable[[_Options, _Problem, HessianFreeState], _Preconditioning]
+  init: Callable[[_Options, optax.Params], Any] = _no_state
+  lbfgs: bool = False
+
+
+_PRECONDITIONERS: dict[str, _PreconditionerKind] = {
+  "none": _PreconditionerKind(_no_preconditioner),
+  "martens": _PreconditionerKind(_martens_diagonal),
+  "jacobi": _PreconditionerKind(_jacobi_diagonal),
+  "lbfgs": _PreconditionerKind(_lbfgs, lbfgs=True),
+}
+
+
+def _build_preconditioner(options, problem, state) -> _Preconditioning:
+  return _PRECONDITIONERS[options.preconditioner].build(options, problem, state)
+
+
+# 3. The solve.
+
+
+def _solve(options, problem, preconditioning, warm_start) -> CGResult:
+  # A step whose gradient or loss is not finite solves for b = 0 from 0, so CG stops at once.
+  x0 = optax.tree.scale(jnp.where(problem.inputs_ok, options.warm_start_decay, 0.0), warm_start)
+  return cg(
+    problem.damped_matvec,
+    optax.tree.scale(-1.0, problem.grads),
+    x0=x0,
+    preconditioner=preconditioning.preconditioner,
+    max_steps=options.max_cg_steps,
+    tol=options.cg_tol,
+    update_preconditioner=preconditioning.update_within,
+    num_recorded=options.num_recorded_iterates,
+  )
+
+
+# 4. CG backtracking (Martens 2010, section 4.6).
+
+
+class _Walk(NamedTuple):
+  """Carry of the backtracking walk over the recorded iterates, newest first."""
+
+  index: jax.Array  # position of the next iterate to evaluate
+  best: jax.Array  # position of the best iterate so far
+  best_loss: jax.Array
+  improving: jax.Array  # whether the last evaluated iterate was the best so far
+
+
+class _Backtracked(NamedTuple):
+  """The iterate chosen by :func:`_backtrack`.
+
+  Attributes:
+    direction: the chosen iterate.
+    model_value: the quadratic model :math:`q` at it.
+    cg_step: the CG step at which it was recorded.
+    validation_loss: its loss on the validation batch.
+    evaluations: losses evaluated by the walk.
+  """
+
+  direction: Any
+  model_value: jax.Array
+  cg_step: jax.Array
+  validation_loss: jax.Array
+  evaluations: jax.Array
+
+
+def _backtrack(result: CGResult, validation_loss, dtype) -> _Backtracked:
+  """Walks the recorded iterates from the newest backwards while ``validation_loss``
+  keeps falling, and keeps the best (empty slots and non-finite losses never win)."""
+  order = jnp.argsort(-result.iterate_steps)
+
+  def iterate(j):
+    return jax.tree.map(lambda buf: buf[order[j]], result.iterates)
+
+  def keep_walking(walk: _Walk) -> jax.Array:
+    return walk.improving & (walk.index < order.shape[0])
+
+  def step(walk: _Walk) -> _Walk:
+    recorded = result.iterate_steps[order[walk.index]] >= 0
+    f = finite_or(validation_loss(iterate(walk.index)), jnp.inf)
+    better = recorded & (f < walk.best_loss)
+    return _Walk(
+      index=walk.index + 1,
+      best=jnp.where(better, walk.index, walk.best),
+      best_loss=jnp.where(better, f, walk.best_loss),
+      improving=better | (walk.index == 0),
     )
-  _positive_int("memory_size", options["memory_size"])
-  _positive_int("max_cg_steps", options["max_cg_steps"])
-  _positive("initial_damping", options["initial_damping"])
-  if options["cg_tol"] < 0:
-    raise ValueError(f"cg_tol must be >= 0, got {options['cg_tol']!r}.")
-  if not 0 <= options["warm_start_decay"] <= 1:
-    raise ValueError(f"warm_start_decay must be in [0, 1], got {options['warm_start_decay']!r}.")
-  if options["num_recorded_iterates"] is not None:
-    _positive_int("num_recorded_iterates", options["num_recorded_iterates"])
-  damping: DampingConfig = options["damping"]
-  if not isinstance(damping, DampingConfig):
-    raise TypeError(f"damping must be an hfjax.DampingConfig, got {type(damping).__name__}.")
-  if not (damping.increase > 1 and 0 < damping.decrease < 1):
-    raise ValueError(f"damping needs increase > 1 and 0 < decrease < 1, got {damping}.")
-  if not 0 < damping.minimum <= damping.maximum:
-    raise ValueError(f"damping needs 0 < minimum <= maximum, got {damping}.")
-  if not damping.low <= damping.high:
-    raise ValueError(f"damping needs low <= high, got {damping}.")
-  search: LineSearchConfig = options["line_search"]
-  if not isinstance(search, LineSearchConfig):
-    raise TypeError(f"line_search must be an hfjax.LineSearchConfig, got {type(search).__name__}.")
-  if not (0 <= search.armijo < 1 and 0 < search.shrink < 1):
-    raise ValueError(f"line_search needs 0 <= armijo < 1 and 0 < shrink < 1, got {search}.")
-  _positive_int("line_search.max_steps", search.max_steps)
-  for name in ("gradient_schedule", "curvature_schedule"):
-    if not isinstance(options[name], sampling.SampleSchedule):
-      raise TypeError(f"{name} must be an hfjax.SampleSchedule, got {options[name]!r}.")
-  if options["curvature_schedule"].kind == "variance":
-    raise ValueError(
-      "curvature_schedule cannot be a variance test: the variance test schedules the "
-      "gradient sample only (pass it as gradient_schedule)."
-    )
-  _positive_int("chunk_size", options["chunk_size"])
+
+  start = _Walk(jnp.int32(0), jnp.int32(0), jnp.asarray(jnp.inf, dtype), jnp.array(True))
+  walk = jax.lax.while_loop(keep_walking, step, start)
+  chosen = order[walk.best]
+  return _Backtracked(
+    direction=iterate(walk.best),
+    model_value=result.iterate_values[chosen].astype(dtype),
+    cg_step=result.iterate_steps[chosen],
+    validation_loss=walk.best_loss,
+    evaluations=walk.index,
+  )
+
+
+def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> jax.Array:
+  """:math:`\\rho = (f(\\theta + d) - f(\\theta)) / q(d)`; ``-inf`` unless :math:`q(d) < 0`."""
+  return jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
+
+
+# 5. Armijo line search along the chosen iterate.
+
+
+class _Search(NamedTuple):
+  """Carry of the line search: the newest trial step size and its loss."""
+
+  tries: jax.Array  # losses evaluated, t = 1 included
+  step_size: jax.Array
+  loss: jax.Array
+
+
+def _sufficient_decrease(config: LineSearchConfig, f0, slope, t, f) -> jax.Array:
+  """Armijo's condition, and a strict decrease (a zero slope must not accept a flat step)."""
+  return (f <= f0 + config.armijo * t * slope) & (f < f0)
+
+
+def _line_search(config: LineSearchConfig, loss_at, f0, f1, slope) -> tuple[_Search, jax.Array]:
+  """Shrinks :math:`t` from 1 (whose loss ``f1`` is known) until
+  :func:`_sufficient_decrease` holds or ``config.max_steps`` losses were tried; returns the
+  last trial and whether it is sufficient. ``loss_at(t)`` is :math:`f(\\theta + t d)`."""
+
+  def keep_shrinking(search: _Search) -> jax.Array:
+    enough = _sufficient_decrease(config, f0, slope, search.step_size, search.loss)
+    return ~enough & (search.tries < config.max_steps)
+
+  def shrink(search: _Search) -> _Search:
+    t = search.step_size * config.shrink
+    return _Search(search.tries + 1, t, finite_or(loss_at(t), jnp.inf))
+
+  search = jax.lax.while_loop(keep_shrinking, shrink, _Search(jnp.int32(1), jnp.float32(1.0), f1))
+  return search, _sufficient_decrease(config, f0, slope, search.step_size, search.loss)
+
+
+# 6. Levenberg-Marquardt damping.
+
+
+def _adapt_damping(config: DampingConfig, damping: jax.Array, rho: jax.Array) -> jax.Array:
+  """Martens' rule (:class:`DampingConfig`); pass ``rho = -inf`` for a rejected step."""
+  factor = jnp.where(
+    rho < config.low, config.increase, jnp.where(rho > config.high, config.decrease, 1.0)
+  )
+  return jnp.clip(damping * factor, config.minimum, config.maximum)
+
+
+# 7. What the next step starts from.
+
+
+def _next_lbfgs(options, state, result: CGResult, solved) -> tuple[LBFGSState | None, jax.Array]:
+  """The L-BFGS pairs kept for the next solve, and the number of pairs held now."""
+  pairs = result.preconditioner_state
+  if not options.keep_pairs:
+    return state.lbfgs, jnp.zeros((), jnp.int32) if pairs is None else pairs.num_pairs
+  # A failed solve, or one that found no pairs, leaves the previous pairs in place.
+  lbfgs = optax.tree.where(solved & (pairs.num_pairs > 0), pairs, state.lbfgs)
+  return lbfgs, lbfgs.num_pairs
+
+
+def _next_sampling(options, problem: _Problem, state) -> sampling.SamplingState | None:
+  if not options.tracked:
+    return state.sampling
+  variance_l1 = grad_sq_norm = None
+  if options.variance_test:
+    sum_g, sum_g2 = _gradient_sums(options, problem.params, problem.batches.gradient)
+    variance_l1 = sampling.gradient_variance_l1(sum_g, sum_g2, problem.batches.gradient_size)
+    variance_l1 = jnp.where(problem.inputs_ok & jnp.isfinite(variance_l1), variance_l1, 0.0)
+    grad_sq_norm = optax.tree.vdot(problem.grads, problem.grads).astype(jnp.float32)
+  return sampling.sampling_update(
+    state.sampling,
+    options.gradient_schedule,
+    options.curvature_schedule,
+    variance_l1=variance_l1,
+    grad_sq_norm=grad_sq_norm,
+  )
+
+
+def _loss_after_step(problem: _Problem, chosen: _Backtracked) -> jax.Array:
+  """:math:`f(\\theta + d)` on the gradient batch (the walk has it if that is its batch)."""
+  if problem.batches.validation is problem.batches.gradient:
+    return chosen.validation_loss
+  return finite_or(problem.loss(chosen.direction, problem.batches.gradient), jnp.inf)
+
+
+# 8. Diagnostics and state.
+
+
+def _diagnostics(
+  problem, result, chosen, search, accepted, solved, rho, lbfgs_pairs, previous
+) -> HessianFreeInfo:
+  batches = problem.batches
+  loss_before = jnp.where(
+    jnp.isfinite(problem.loss_before), problem.loss_before, previous.loss_after
+  )
+  consecutive = jnp.where(accepted, 0, previous.consecutive_rejections + 1)
+  # rho needs one more loss when the walk ran on another batch than the gradient batch.
+  extra_evaluation = batches.validation is not batches.gradient
+  return HessianFreeInfo(
+    rho=jnp.where(jnp.isfinite(rho), rho, 0.0).astype(jnp.float32),
+    cg_steps=result.num_steps,
+    cg_stop_reason=result.stop_reason,
+    chosen_iterate=chosen.cg_step,
+    line_search_step=jnp.where(accepted, search.step_size, 0.0).astype(jnp.float32),
+    loss_before=loss_before,
+    loss_after=jnp.where(accepted, search.loss, loss_before),
+    accepted=accepted,
+    non_finite=~solved,
+    consecutive_rejections=consecutive.astype(jnp.int32),
+    total_rejections=(previous.total_rejections + (~accepted).astype(jnp.int32)),
+    lbfgs_pairs=lbfgs_pairs,
+    gradient_batch_size=jnp.asarray(batches.gradient_size, jnp.int32),
+    curvature_batch_size=jnp.asarray(batches.curvature_size, jnp.int32),
+    backtracking_evaluations=(chosen.evaluations + extra_evaluation).astype(jnp.int32),
+    line_search_evaluations=(search.tries - 1).astype(jnp.int32),
+  )
+
+
+def _init(options: _Options, params: optax.Params) -> HessianFreeState:
+  curvature.check_params(params)
+  schedules = options.gradient_schedule, options.curvature_schedule
+  return HessianFreeState(
+    count=jnp.zeros((), jnp.int32),
+    damping=jnp.asarray(options.initial_damping, jnp.float32),
+    warm_start=as_accumulation(optax.tree.zeros_like(params)),
+    lbfgs=lbfgs_init(params, options.memory_size) if options.keep_pairs else None,
+    key=jax.random.key(options.seed),
+    sampling=sampling.sampling_init(*schedules) if options.tracked else None,
+    info=_fresh_info(),
+    preconditioner=_PRECONDITIONERS[options.preconditioner].init(options, params),
+  )
+
+
+def _cast_like(new_state: HessianFreeState, state: HessianFreeState) -> HessianFreeState:
+  """``new_state`` in the dtypes init made (no retracing, no x64 drift); PRNG keys have no
+  dtype to cast."""
+  cast = optax.tree.cast_like(new_state._replace(key=None), state._replace(key=None))
+  return cast._replace(key=new_state.key)
 
 
 def hessian_free(
   apply_fn: curvature.ApplyFn,
   loss_fn: curvature.LossFn,
   *,
-  preconditioner: str = "lbfgs",
+  preconditioner: PreconditionerName = "lbfgs",
   memory_size: int = 10,
-  lbfgs_pairs: str = "within",
+  lbfgs_pairs: LBFGSPairs = "within",
   max_cg_steps: int = 250,
   cg_tol: float = 5e-4,
   initial_damping: float = 45.0,
@@ -261,62 +758,26 @@ def hessian_free(
     2012. Sainath et al., "Accelerating Hessian-free optimization for deep neural networks
     by implicit preconditioning and sampling", ASRU 2013.
   """
-  damping = DampingConfig() if damping is None else damping
-  line_search = LineSearchConfig() if line_search is None else line_search
-  tracked = gradient_schedule is not None or curvature_schedule is not None
-  gradient_schedule = gradient_schedule or sampling.SampleSchedule("fixed", 1, 1)
-  curvature_schedule = curvature_schedule or sampling.SampleSchedule("fixed", 1, 1)
-  _validate(
+  options = _Options(
+    apply_fn,
+    loss_fn,
     preconditioner=preconditioner,
-    lbfgs_pairs=lbfgs_pairs,
     memory_size=memory_size,
+    lbfgs_pairs=lbfgs_pairs,
     max_cg_steps=max_cg_steps,
-    initial_damping=initial_damping,
     cg_tol=cg_tol,
+    initial_damping=initial_damping,
+    damping=_config("damping", damping, DampingConfig),
+    line_search=_config("line_search", line_search, LineSearchConfig),
     warm_start_decay=warm_start_decay,
     num_recorded_iterates=num_recorded_iterates,
-    damping=damping,
-    line_search=line_search,
-    gradient_schedule=gradient_schedule,
-    curvature_schedule=curvature_schedule,
+    gradient_schedule=_schedule("gradient_schedule", gradient_schedule),
+    curvature_schedule=_schedule("curvature_schedule", curvature_schedule),
+    tracked=gradient_schedule is not None or curvature_schedule is not None,
     chunk_size=chunk_size,
+    seed=seed,
   )
-  keep_pairs = preconditioner == "lbfgs" and lbfgs_pairs == "previous"
-  variance_test = gradient_schedule.kind == "variance"
-
-  def init_fn(params: optax.Params) -> HessianFreeState:
-    curvature.check_params(params)
-    vector = as_accumulation(optax.tree.zeros_like(params))
-    # A fresh buffer per field: leaves sharing one buffer could not be donated to a jitted step.
-    scalar = lambda: jnp.zeros((), jnp.float32)
-    count = lambda: jnp.zeros((), jnp.int32)
-    info = HessianFreeInfo(
-      rho=scalar(),
-      cg_steps=count(),
-      cg_stop_reason=count(),
-      chosen_iterate=count(),
-      line_search_step=scalar(),
-      loss_before=scalar(),
-      loss_after=scalar(),
-      accepted=jnp.array(False),
-      non_finite=jnp.array(False),
-      consecutive_rejections=count(),
-      total_rejections=count(),
-      lbfgs_pairs=count(),
-      gradient_batch_size=count(),
-      curvature_batch_size=count(),
-      backtracking_evaluations=count(),
-      line_search_evaluations=count(),
-    )
-    return HessianFreeState(
-      count=count(),
-      damping=jnp.asarray(initial_damping, jnp.float32),
-      warm_start=vector,
-      lbfgs=lbfgs_init(params, memory_size) if keep_pairs else None,
-      key=jax.random.key(seed),
-      sampling=sampling.sampling_init(gradient_schedule, curvature_schedule) if tracked else None,
-      info=info,
-    )
+  options._check()
 
   def update_fn(
     updates: optax.Updates,
@@ -330,211 +791,58 @@ def hessian_free(
     **extra_args: Any,
   ) -> tuple[optax.Updates, HessianFreeState]:
     del extra_args
-    if params is None:
-      raise ValueError("hessian_free needs params: call update(grads, state, params, batch=...).")
-    if batch is None:
-      raise ValueError(
-        "hessian_free needs the gradient batch: update(..., batch=(inputs, targets))."
-      )
-    curvature.check_params(params)
-    n_batch = curvature.batch_size(batch)
-    curvature_batch = batch if curvature_batch is None else curvature_batch
-    validation_batch = curvature_batch if validation_batch is None else validation_batch
-    n_curv = curvature.batch_size(curvature_batch)
-    curvature.batch_size(validation_batch)
-    if n_curv > n_batch:
-      raise ValueError(
-        f"curvature batch ({n_curv} examples) is larger than the gradient batch ({n_batch}); "
-        "the curvature sample should be a subsample."
-      )
-    grads = as_accumulation(updates)
-    if jax.tree.structure(grads) != jax.tree.structure(params):
-      raise ValueError("updates (the gradients) must have the tree structure of params.")
+    # 1. Check the batches and resolve the step's problem. A non-finite gradient or loss
+    #    zeroes the gradient, so the step is rejected with everything still finite.
+    batches = _resolve_batches(params, batch, curvature_batch, validation_batch)
+    key, preconditioner_key = jax.random.split(state.key)
+    problem = _resolve(options, batches, updates, params, loss, state.damping, preconditioner_key)
+    f0 = problem.loss_before
 
-    # Losses are compared in the parameters' accumulation precision: float64 problems must
-    # see improvements below float32 resolution.
-    loss_dtype = jnp.result_type(*jax.tree.leaves(grads))
+    # 2. Build this solve's preconditioner.
+    preconditioning = _build_preconditioner(options, problem, state)
 
-    def batch_loss(step, data):
-      inputs, targets = curvature.split_batch(data)
-      moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
-      return jnp.asarray(loss_fn(apply_fn(moved, inputs), targets), loss_dtype)
+    # 3. Minimise the damped quadratic model with CG from the decayed warm start.
+    result = _solve(options, problem, preconditioning, state.warm_start)
+    solved = problem.inputs_ok & (result.stop_reason != CGStopReason.NON_FINITE)
 
-    # Linearising first also checks, with a clear error, that the model outputs fit the
-    # targets and that loss_fn returns a scalar, before anything else touches the loss.
-    gn_matvec, _ = curvature.gauss_newton_matvec(apply_fn, loss_fn, params, curvature_batch)
-    zero_step = optax.tree.zeros_like(grads)
-    f0 = batch_loss(zero_step, batch) if loss is None else jnp.asarray(loss, loss_dtype)
-    inputs_ok = all_finite(grads) & jnp.isfinite(f0)
-    grads = optax.tree.where(inputs_ok, grads, zero_step)
-    lam = state.damping
+    # 4. CG backtracking picks a recorded iterate by its validation loss.
+    validation_loss = functools.partial(problem.loss, data=batches.validation)
+    chosen = _backtrack(result, validation_loss, f0.dtype)
+    f1 = _loss_after_step(problem, chosen)
 
-    def damped_matvec(v):
-      gv = as_accumulation(gn_matvec(optax.tree.cast_like(v, params)))
-      return optax.tree.add_scale(optax.tree.cast_like(gv, v), lam, v)
+    # 5. Armijo line search along the chosen iterate.
+    slope = jnp.minimum(optax.tree.vdot(problem.grads, chosen.direction), 0.0)
+    loss_at = lambda t: problem.loss(optax.tree.scale(t, chosen.direction), batches.gradient)
+    search, sufficient = _line_search(options.line_search, loss_at, f0, f1, slope)
+    accepted = solved & sufficient & all_finite(chosen.direction)
 
-    key, jacobi_key = jax.random.split(state.key)
-    update_preconditioner = True
-    if preconditioner == "none":
-      precond = None
-    elif preconditioner == "martens":
-      _, sum_g2 = curvature.squared_gradient_sum(
-        apply_fn, loss_fn, params, curvature_batch, chunk_size=chunk_size
-      )
-      diag = jax.tree.map(lambda s: s / n_curv, sum_g2)
-      precond = diagonal_preconditioner(diag, lam)
-    elif preconditioner == "jacobi":
-      diag = curvature.gauss_newton_diagonal_estimate(
-        apply_fn, loss_fn, params, curvature_batch, jacobi_key, chunk_size=chunk_size
-      )
-      precond = diagonal_preconditioner(diag, lam)
-    elif keep_pairs:
-      precond, update_preconditioner = state.lbfgs, False
-    else:
-      precond = lbfgs_init(params, memory_size)
+    # 6. Levenberg-Marquardt damping; a rejected step counts as rho = -inf.
+    rho = jnp.where(accepted, _reduction_ratio(f0, f1, chosen.model_value), -jnp.inf)
+    damping = _adapt_damping(options.damping, problem.damping, rho)
 
-    x0 = optax.tree.scale(jnp.where(inputs_ok, warm_start_decay, 0.0), state.warm_start)
-    result = cg(
-      damped_matvec,
-      optax.tree.scale(-1.0, grads),
-      x0=x0,
-      preconditioner=precond,
-      max_steps=max_cg_steps,
-      tol=cg_tol,
-      update_preconditioner=update_preconditioner,
-      num_recorded=num_recorded_iterates,
-    )
-    curvature_ok = result.stop_reason != CGStopReason.NON_FINITE
-
-    # CG backtracking (Martens 2010, section 4.6): walk the recorded iterates from the last
-    # one backwards while the validation loss keeps falling, and keep the best.
-    order = jnp.argsort(-result.iterate_steps)
-    slots = order.shape[0]
-
-    def iterate(j):
-      return jax.tree.map(lambda buf: buf[order[j]], result.iterates)
-
-    def back_cond(carry):
-      j, _, _, going = carry
-      return going & (j < slots)
-
-    def back_body(carry):
-      j, best_j, best_f, _ = carry
-      valid = result.iterate_steps[order[j]] >= 0
-      f = finite_or(batch_loss(iterate(j), validation_batch), jnp.inf)
-      better = valid & (f < best_f)
-      return (
-        j + 1,
-        jnp.where(better, j, best_j),
-        jnp.where(better, f, best_f),
-        better | (j == 0),
-      )
-
-    walked, best_j, best_val_f, _ = jax.lax.while_loop(
-      back_cond,
-      back_body,
-      (jnp.int32(0), jnp.int32(0), jnp.asarray(jnp.inf, loss_dtype), jnp.array(True)),
-    )
-    direction = iterate(best_j)
-    model_value = result.iterate_values[order[best_j]].astype(loss_dtype)
-    chosen_step = result.iterate_steps[order[best_j]]
-
-    if validation_batch is batch:
-      f1 = best_val_f
-    else:
-      f1 = finite_or(batch_loss(direction, batch), jnp.inf)
-    rho = jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
-
-    # Armijo line search on the chosen iterate; t = 1 is already evaluated.
-    slope = jnp.minimum(optax.tree.vdot(grads, direction), 0.0)
-
-    def sufficient(t, f):
-      return (f <= f0 + line_search.armijo * t * slope) & (f < f0)
-
-    def search_cond(carry):
-      i, t, f = carry
-      return ~sufficient(t, f) & (i < line_search.max_steps)
-
-    def search_body(carry):
-      i, t, _ = carry
-      t = t * line_search.shrink
-      return i + 1, t, finite_or(batch_loss(optax.tree.scale(t, direction), batch), jnp.inf)
-
-    tries, t, f_new = jax.lax.while_loop(
-      search_cond, search_body, (jnp.int32(1), jnp.float32(1.0), f1)
-    )
-    accepted = inputs_ok & curvature_ok & sufficient(t, f_new) & all_finite(direction)
-
-    rho = jnp.where(accepted, rho, -jnp.inf)
-    factor = jnp.where(
-      rho < damping.low, damping.increase, jnp.where(rho > damping.high, damping.decrease, 1.0)
-    )
-    new_damping = jnp.clip(lam * factor, damping.minimum, damping.maximum)
-    step = optax.tree.where(accepted, optax.tree.scale(t, direction), zero_step)
+    # 7. What the next step starts from: warm start, L-BFGS pairs and sample sizes.
+    zero_step = optax.tree.zeros_like(problem.grads)
     warm_start = optax.tree.where(accepted & all_finite(result.x), result.x, zero_step)
+    lbfgs, lbfgs_pairs = _next_lbfgs(options, state, result, solved)
+    next_sampling = _next_sampling(options, problem, state)
 
-    lbfgs = state.lbfgs
-    lbfgs_pairs_held = jnp.zeros((), jnp.int32)
-    if result.preconditioner_state is not None:
-      lbfgs_pairs_held = result.preconditioner_state.num_pairs
-    if keep_pairs:
-      new_pairs = result.preconditioner_state
-      use_new = inputs_ok & curvature_ok & (new_pairs.num_pairs > 0)
-      lbfgs = optax.tree.where(use_new, new_pairs, state.lbfgs)
-      lbfgs_pairs_held = lbfgs.num_pairs
-
-    variance_l1 = grad_sq_norm = None
-    if variance_test:
-      sum_g, sum_g2 = curvature.squared_gradient_sum(
-        apply_fn, loss_fn, params, batch, chunk_size=chunk_size
-      )
-      variance_l1 = sampling.gradient_variance_l1(sum_g, sum_g2, n_batch)
-      grad_sq_norm = optax.tree.vdot(grads, grads).astype(jnp.float32)
-      variance_l1 = jnp.where(inputs_ok & jnp.isfinite(variance_l1), variance_l1, 0.0)
-    next_sampling = state.sampling
-    if tracked:
-      next_sampling = sampling.sampling_update(
-        state.sampling,
-        gradient_schedule,
-        curvature_schedule,
-        variance_l1=variance_l1,
-        grad_sq_norm=grad_sq_norm,
-      )
-
-    previous = state.info
-    loss_before = jnp.where(jnp.isfinite(f0), f0, previous.loss_after)
-    consecutive = jnp.where(accepted, 0, previous.consecutive_rejections + 1)
-    info = HessianFreeInfo(
-      rho=jnp.where(jnp.isfinite(rho), rho, 0.0).astype(jnp.float32),
-      cg_steps=result.num_steps,
-      cg_stop_reason=result.stop_reason,
-      chosen_iterate=chosen_step,
-      line_search_step=jnp.where(accepted, t, 0.0).astype(jnp.float32),
-      loss_before=loss_before,
-      loss_after=jnp.where(accepted, f_new, loss_before),
-      accepted=accepted,
-      non_finite=~(inputs_ok & curvature_ok),
-      consecutive_rejections=consecutive.astype(jnp.int32),
-      total_rejections=(previous.total_rejections + (~accepted).astype(jnp.int32)),
-      lbfgs_pairs=lbfgs_pairs_held,
-      gradient_batch_size=jnp.asarray(n_batch, jnp.int32),
-      curvature_batch_size=jnp.asarray(n_curv, jnp.int32),
-      backtracking_evaluations=(walked + (validation_batch is not batch)).astype(jnp.int32),
-      line_search_evaluations=(tries - 1).astype(jnp.int32),
+    # 8. Diagnostics, and the new state in the dtypes init made.
+    info = _diagnostics(
+      problem, result, chosen, search, accepted, solved, rho, lbfgs_pairs, state.info
     )
     new_state = HessianFreeState(
       count=optax.safe_increment(state.count),
-      damping=new_damping.astype(jnp.float32),
+      damping=damping.astype(jnp.float32),
       warm_start=warm_start,
       lbfgs=lbfgs,
       key=key,
       sampling=next_sampling,
       info=info,
+      preconditioner=preconditioning.state,
     )
-    # Keep the carried dtypes exactly as init made them (no retracing, no x64 drift); PRNG
-    # keys have no dtype to cast.
-    new_state = optax.tree.cast_like(new_state._replace(key=None), state._replace(key=None))
-    new_state = new_state._replace(key=key)
-    return optax.tree.cast_like(step, params), new_state
+    step = optax.tree.where(
+      accepted, optax.tree.scale(search.step_size, chosen.direction), zero_step
+    )
+    return optax.tree.cast_like(step, params), _cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(functools.partial(_init, options), update_fn)
