@@ -6,15 +6,16 @@
     --config.mnist_path=/path/to/mnist.npz
 
 Each task holds the training config of its runs (``base``, see ``configs/*.py``) and the
-sizes the methods differ in (``hfjax.experiments.ablation.task_config`` lists them). Sizes
+sizes the methods differ in (``hfjax.experiments.ablation_config.task_config`` lists them). Sizes
 count examples; 0 means the whole training set.
 """
 
-from hfjax.experiments import ablation
+from hfjax.experiments import ablation_config as ablation_lib
+from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  curves = ablation.sibling_config(__file__, "curves_autoencoder")
+  curves = config_lib.sibling_config(__file__, "curves_autoencoder")
   curves.dataset.num_train = 1024
   curves.dataset.num_test = 1000
   curves.eval_train_examples = 0
@@ -25,12 +26,12 @@ def get_config():
   # whose steps are dear (the per-example passes of Martens, Jacobi and the variance test).
   curves.budget_seconds = 45.0
 
-  digits = ablation.sibling_config(__file__, "digits_classifier")
+  digits = config_lib.sibling_config(__file__, "digits_classifier")
   digits.eval_every = 1
   digits.num_steps = 200
   digits.budget_examples = 1_000_000
 
-  mnist = ablation.sibling_config(__file__, "mnist_autoencoder")
+  mnist = config_lib.sibling_config(__file__, "mnist_autoencoder")
   mnist.eval_train_examples = 10000
   mnist.eval_every = 1
   mnist.num_steps = 100
@@ -45,18 +46,18 @@ def get_config():
       "grid_ratio": 2.0,
     }
 
-  return ablation.ablation_config(
-    curves=ablation.task_config(
+  return ablation_lib.ablation_config(
+    curves=ablation_lib.task_config(
       curves, curvature_sample=100, sampling=growing(128, 13), sgd_learning_rate=0.01
     ),
-    digits=ablation.task_config(
+    digits=ablation_lib.task_config(
       digits,
       curvature_sample=150,
       sampling=growing(180, 19),
       batch_size=64,
       peer_eval_every_seconds=0.05,
     ),
-    mnist=ablation.task_config(
+    mnist=ablation_lib.task_config(
       mnist, gradient_sample=20000, curvature_sample=1000, sampling=growing(2500, 125)
     ),
   )

@@ -10,11 +10,11 @@ set. Here: 8192 images, the baseline's curvature sample 500 (6%), the growing sa
 that bear on the paper's claims with Adam as the peer.
 """
 
-from hfjax.experiments import ablation
+from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  config = ablation.sibling_config(__file__, "ablation")
+  config = config_lib.sibling_config(__file__, "ablation")
   config.tasks = "curves"
   config.variants = "hf,hf_lbfgs,hf_geometric,hf_lbfgs_geometric,adam"
   curves = config.curves

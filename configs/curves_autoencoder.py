@@ -7,11 +7,11 @@ preconditioning and growing samples (Sainath et al. 2013).
 1250 to 5000 images and a curvature sample a tenth of that.
 """
 
-from hfjax.experiments import train
+from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  config = train.default_config()
+  config = config_lib.sibling_config(__file__, "default")
   config.dataset.name = "curves"
   config.dataset.num_train = 20000
   config.dataset.num_test = 10000
@@ -23,14 +23,8 @@ def get_config():
   # Martens' 45 suits a loss that the model barely fits yet; on CURVES, starting at 1 leaves
   # the initial plateau in about half the steps.
   opt.initial_damping = 1.0
-  opt.gradient_schedule.kind = "geometric"
-  opt.gradient_schedule.start = 1250
-  opt.gradient_schedule.factor = 1.15
-  opt.gradient_schedule.maximum = 5000
-  opt.curvature_schedule.kind = "geometric"
-  opt.curvature_schedule.start = 125
-  opt.curvature_schedule.factor = 1.15
-  opt.curvature_schedule.maximum = 500
+  opt.gradient_schedule = config_lib.schedule_config("geometric", 1250, 5000, factor=1.15)
+  opt.curvature_schedule = config_lib.schedule_config("geometric", 125, 500, factor=1.15)
   config.num_steps = 60
   config.eval_every = 5
   return config

@@ -6,11 +6,11 @@ cross-entropy, trained by HF with L-BFGS preconditioning. Runs in under a minute
 
 import ml_collections
 
-from hfjax.experiments import train
+from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  config = train.default_config()
+  config = config_lib.sibling_config(__file__, "default")
   config.dataset = ml_collections.ConfigDict({"name": "digits", "seed": 0})
   config.model.kind = "classifier"
   config.model.hidden_sizes = (128, 64)
@@ -18,10 +18,9 @@ def get_config():
   opt = config.optimizer
   opt.name = "hf"
   opt.preconditioner = "lbfgs"
-  opt.gradient_schedule.kind = "fixed"
-  opt.gradient_schedule.start = 0  # the whole training set (1437 images)
-  opt.curvature_schedule.kind = "fixed"
-  opt.curvature_schedule.start = 300
+  # The whole training set (1437 images) for the gradient, 300 of them for the curvature.
+  opt.gradient_schedule = config_lib.schedule_config("fixed", 0)
+  opt.curvature_schedule = config_lib.schedule_config("fixed", 300)
   opt.batch_size = 64
   config.num_steps = 40
   config.eval_every = 1

@@ -9,11 +9,11 @@ Martens 2010) trained by HF with L-BFGS preconditioning and growing samples. Nee
 
 import ml_collections
 
-from hfjax.experiments import train
+from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  config = train.default_config()
+  config = config_lib.sibling_config(__file__, "default")
   config.dataset = ml_collections.ConfigDict(
     {"name": "mnist", "path": ml_collections.config_dict.placeholder(str), "autoencoder": True}
   )
@@ -22,14 +22,9 @@ def get_config():
   opt = config.optimizer
   opt.name = "hf"
   opt.preconditioner = "lbfgs"
-  opt.gradient_schedule.kind = "geometric"
-  opt.gradient_schedule.start = 7500
-  opt.gradient_schedule.factor = 1.25
-  opt.gradient_schedule.maximum = 0
-  opt.curvature_schedule.kind = "geometric"
-  opt.curvature_schedule.start = 750
-  opt.curvature_schedule.factor = 1.25
-  opt.curvature_schedule.maximum = 6000
+  # The gradient sample grows to the whole training set (maximum 0).
+  opt.gradient_schedule = config_lib.schedule_config("geometric", 7500, 0, factor=1.25)
+  opt.curvature_schedule = config_lib.schedule_config("geometric", 750, 6000, factor=1.25)
   config.num_steps = 100
   config.eval_every = 5
   return config

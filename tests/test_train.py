@@ -2,13 +2,17 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from hfjax.experiments import ablation, train
+from hfjax.experiments import ablation, optimizers, train
+from hfjax.experiments import config as config_lib
+from hfjax.experiments import report as report_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -28,12 +32,17 @@ def _config(name: str, **overrides):
   return config
 
 
-def _cli(*args: str, module: str = "hfjax.experiments.train") -> subprocess.CompletedProcess:
+def _cli(
+  *args: str, module: str = "hfjax.experiments.train", cwd: pathlib.Path = REPO
+) -> subprocess.CompletedProcess:
+  # PYTHONPATH: from another directory too, this checkout is the hfjax that runs.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
   return subprocess.run(
     [sys.executable, "-m", module, *args],
     capture_output=True,
     text=True,
-    cwd=REPO,
+    cwd=cwd,
+    env=env,
     timeout=300,
   )
 
@@ -92,6 +101,87 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+@pytest.mark.parametrize(
+  "module, args, message",
+  [
+    (
+      "hfjax.experiments.train",
+      ["--config", str(CONFIGS / "digits_classifier.py"), "--config.optimizer.name=rmsprop"],
+      "error: config.optimizer.name='rmsprop'; choose one of",
+    ),
+    (
+      "hfjax.experiments.ablation",
+      ["--config", str(CONFIGS / "ablation_curves_large.py"), "--config.variants=hf,newton"],
+      "error: unknown variants ['newton']",
+    ),
+  ],
+  ids=["train", "ablation"],
+)
+def test_cli_loads_configs_by_path_from_another_directory(tmp_path, module, args, message):
+  # The configs load their siblings (default.py, curves_autoencoder.py, ablation.py) by path,
+  # not through the working directory: the run gets as far as checking the overridden value.
+  result = _cli(*args, "--workdir", str(tmp_path / "run"), module=module, cwd=tmp_path)
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+_LOAD_CONFIGS = """
+import importlib.util, json, pathlib, sys
+
+def keys(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from keys(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key
+
+loaded = {}
+for path in map(pathlib.Path, sys.argv[1:]):  # loaded by path, as --config loads them
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config().to_dict()
+  # A training config (under ""), or an ablation config's task configs ("base" of each).
+  tasks = {k: v["base"] for k, v in config.items() if isinstance(v, dict) and "base" in v}
+  loaded[path.stem] = {name: sorted(keys(base)) for name, base in (tasks or {"": config}).items()}
+print(json.dumps({"configs": loaded, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_configs_start_from_default_and_never_import_the_trainer(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-c", _LOAD_CONFIGS, *map(str, sorted(CONFIGS.glob("*.py")))],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  out = json.loads(result.stdout)
+  for module in ("train", "optimizers", "task", "ablation", "main", "ablation_main"):
+    assert f"hfjax.experiments.{module}" not in out["modules"], module
+  configs = out["configs"]
+  default = sorted(_flat_keys(config_lib.default_config().to_dict()))
+  assert configs["default"] == {"": default}
+  assert set(configs["ablation"]) == {"curves", "digits", "mnist"}
+  assert set(configs["ablation_curves_large"]) == {"curves", "digits", "mnist"}
+  # Every training config has exactly the default's keys; only the data set's differ.
+  expected = [key for key in default if not key.startswith("dataset.")]
+  for name, tasks in configs.items():
+    for task, keys in tasks.items():
+      assert [key for key in keys if not key.startswith("dataset.")] == expected, (name, task)
+
+
+def _flat_keys(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat_keys(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key
 
 
 @pytest.mark.parametrize(
@@ -161,18 +251,12 @@ def test_hf_example_count_follows_its_definition():
     "gradient_batch_size": 1000,
     "curvature_batch_size": 100,
     "cg_steps": 10,
-    "chosen_iterate": 9,  # recorded: 10, 9, 7, 5, 4, 3, 2, 1; the second newest won
-    "accepted": True,
-    "line_search_step": 0.8**2,
+    # Three recorded iterates walked on the curvature sample (the second newest won, the
+    # third stopped the walk), then the chosen one on the gradient sample.
+    "backtracking_evaluations": 4,
+    "line_search_evaluations": 2,  # t = 0.8 and 0.8**2 after t = 1
   }
-  options = {
-    "preconditioner": "martens",
-    "variance_test": False,
-    "line_search_shrink": 0.8,
-    "line_search_max_steps": 20,
-  }
-  record_steps = train.hfjax.martens_record_steps(250)
-  count = train._hf_examples(info, record_steps, 0, options)
+  count = optimizers._hf_examples(info, "martens", variance_test=False)
   gradient, linearise, products = 2 * 1000, 100, 2 * 100 * 11
   backtracking, step_and_search, martens = 3 * 100, 3 * 1000, 2 * 100
   assert count == gradient + linearise + products + backtracking + step_and_search + martens
@@ -220,3 +304,59 @@ def test_ablation_rejects_unknown_variants(tmp_path):
   )
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "error: unknown variants ['newton']" in result.stderr
+
+
+def test_markdown_table_writes_each_row_under_its_columns():
+  table = report_lib.markdown_table(("a", "b"), [(1, "x"), (2.5, "—")])
+  assert table == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | — |"
+  with pytest.raises(ValueError, match="a row of 1 cells under 2 columns"):
+    report_lib.markdown_table(("a", "b"), [(1,)])
+
+
+def _runs(times: dict[str, list[float]], finals: dict[str, float]) -> dict:
+  """Per method, one run per seed: loss 10 at 0 s, then ``finals[key]`` at each seed's time."""
+  return {
+    key: [
+      [
+        {"step": 0, "wall_time": 0.0, "examples_processed": 0, "eval_train_loss": 10.0},
+        {"step": 1, "wall_time": t, "examples_processed": 1000, "eval_train_loss": finals[key]},
+      ]
+      for t in seed_times
+    ]
+    for key, seed_times in times.items()
+  }
+
+
+@pytest.mark.parametrize(
+  "times, finals, expected",
+  [
+    # speed-up 4/2 >= 1.5 with the same final loss; the fastest HF (2 s) beats Adam (3 s).
+    (
+      {"hf": [4, 4], "hf_lbfgs_geometric": [2, 2], "adam_0.001": [3, 3]},
+      {"hf": 0.5, "hf_lbfgs_geometric": 0.5, "adam_0.001": 0.5},
+      [(2.0, True), (1.0, True), (1.5, True)],
+    ),
+    # speed-up 4/3 < 1.5, a final loss 1.2x the baseline's, Adam (1 s) faster than HF.
+    (
+      {"hf": [4, 4], "hf_lbfgs_geometric": [3, 3], "adam_0.001": [1, 1]},
+      {"hf": 0.5, "hf_lbfgs_geometric": 0.6, "adam_0.001": 0.5},
+      [(4 / 3, False), (1.2, False), (1 / 3, False)],
+    ),
+    # The paper's method misses the target (loss 2 > 1): no speed-up; no peer reaches it.
+    (
+      {"hf": [4, 4], "hf_lbfgs_geometric": [2, 2], "adam_0.001": [1, 1]},
+      {"hf": 0.5, "hf_lbfgs_geometric": 2.0, "adam_0.001": 3.0},
+      [(None, False), (4.0, False), (None, True)],
+    ),
+  ],
+)
+def test_ablation_goals_are_computed_from_the_numbers(times, finals, expected):
+  task = ablation.task_config(config_lib.default_config(), adam_learning_rates=(1e-3,))
+  rows = ablation.methods(task, ["hf", "hf_lbfgs_geometric", "adam"])
+  checks = report_lib.checks(_runs(times, finals), rows, target=1.0)
+  assert [(c.measured, c.met) for c in checks] == [
+    (pytest.approx(value) if value is not None else None, met) for value, met in expected
+  ]
+  lines = report_lib.goals(_runs(times, finals), rows, target=1.0)
+  verdicts = [re.search(r"\(goal [^)]*\): (met|missed)[;.]", line) for line in lines]
+  assert [v and v[1] for v in verdicts] == ["met" if met else "missed" for _, met in expected]

@@ -1,0 +1,218 @@
+"""The optimizers a config names, each built as one compiled training step.
+
+:func:`build_optimizer` returns ``(opt_state, run, compiled)``: ``run(params, state, place)``
+draws its batches, takes one step and returns ``(params, state, record)``, where the record
+holds the step's training loss, its examples processed (``"examples"``, defined in
+:mod:`hfjax.experiments.train`) and, for HF, its diagnostics; ``compiled.compile_time`` is
+the seconds spent compiling so far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+import hfjax
+from hfjax.experiments import config as config_lib
+from hfjax.experiments.config import require
+from hfjax.experiments.task import Task, batch_loss
+
+# Diagnostics of an HF step copied into its record (train_loss is loss_before).
+HF_INFO = (
+  "loss_before",
+  "damping",
+  "rho",
+  "cg_steps",
+  "chosen_iterate",
+  "line_search_step",
+  "accepted",
+  "consecutive_rejections",
+  "gradient_batch_size",
+  "curvature_batch_size",
+  "backtracking_evaluations",
+  "line_search_evaluations",
+)
+# Per-example passes of each preconditioner on the curvature sample: Martens' diagonal needs
+# one gradient per example, the Jacobi estimate one more forward-mode pass.
+_PRECONDITIONER_PASSES = {"martens": 2, "jacobi": 3}
+
+
+class AheadOfTime:
+  """A jitted function compiled ahead of time for each new set of argument shapes, so that
+  compilation can be timed apart from training."""
+
+  def __init__(self, fn: Callable[..., Any]):
+    self._jit = jax.jit(fn)
+    self._compiled: dict[Any, Any] = {}
+    self.compile_time = 0.0
+
+  def __call__(self, *args):
+    key = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args))
+    if key not in self._compiled:
+      start = time.perf_counter()
+      self._compiled[key] = self._jit.lower(*args).compile()
+      self.compile_time += time.perf_counter() - start
+    return self._compiled[key](*args)
+
+
+def num_examples(value: int, num_train: int, key: str) -> int:
+  """A size from the config (``config.<key>``); 0 means the whole training set."""
+  require(
+    int(value) == value and 0 <= value <= num_train,
+    f"config.{key}={value!r} must be an integer in [0, {num_train}] (0: all "
+    f"{num_train} training examples).",
+  )
+  return num_train if value == 0 else int(value)
+
+
+def sample_schedule(
+  cfg: ml_collections.ConfigDict, num_train: int, key: str
+) -> hfjax.SampleSchedule:
+  """The :class:`hfjax.SampleSchedule` of a :func:`~hfjax.experiments.config.schedule_config`."""
+  kinds = config_lib.SCHEDULES
+  require(cfg.kind in kinds, f"config.{key}.kind={cfg.kind!r}; choose one of {kinds}.")
+  start = num_examples(cfg.start, num_train, f"{key}.start")
+  if cfg.kind == "fixed":
+    return hfjax.fixed_schedule(start)
+  maximum = num_examples(cfg.maximum, num_train, f"{key}.maximum")
+  require(maximum >= start, f"config.{key}.maximum={maximum} is below its start={start}.")
+  if cfg.kind == "geometric":
+    return hfjax.geometric_schedule(start, maximum, cfg.factor, cfg.grid_ratio)
+  return hfjax.variance_test_schedule(start, maximum, cfg.theta, cfg.grid_ratio)
+
+
+def _hf_examples(info: Mapping[str, Any], preconditioner: str, variance_test: bool) -> int:
+  """Example-passes of one HF step, from its diagnostics (see :mod:`hfjax.experiments.train`).
+
+  The trainer passes a curvature batch and no validation batch, so CG backtracking walks the
+  recorded iterates on the curvature sample and then evaluates the chosen one on the
+  gradient sample (``backtracking_evaluations`` counts both); the line search's further
+  trials are on the gradient sample too.
+  """
+  n_g, n_c = int(info["gradient_batch_size"]), int(info["curvature_batch_size"])
+  gradient = 2 * n_g
+  products = n_c + 2 * n_c * (int(info["cg_steps"]) + 1)  # linearise, then warm start + steps
+  walk = (int(info["backtracking_evaluations"]) - 1) * n_c
+  chosen_and_search = (1 + int(info["line_search_evaluations"])) * n_g
+  total = gradient + products + walk + chosen_and_search
+  total += _PRECONDITIONER_PASSES.get(preconditioner, 0) * n_c
+  if variance_test:
+    total += 2 * n_g
+  return total
+
+
+def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
+  opt = config.optimizer
+  num_train = sampler.num_examples
+  gradient = sample_schedule(opt.gradient_schedule, num_train, "optimizer.gradient_schedule")
+  curvature = sample_schedule(opt.curvature_schedule, num_train, "optimizer.curvature_schedule")
+  require(
+    curvature.start <= gradient.start and curvature.maximum <= gradient.maximum,
+    "the curvature sample must not be larger than the gradient sample "
+    f"(curvature start/maximum {curvature.start}/{curvature.maximum}, gradient "
+    f"{gradient.start}/{gradient.maximum}).",
+  )
+  tx = hfjax.hessian_free(
+    task.apply_fn,
+    task.loss_fn,
+    preconditioner=opt.preconditioner,
+    memory_size=opt.memory_size,
+    lbfgs_pairs=opt.lbfgs_pairs,
+    max_cg_steps=opt.max_cg_steps,
+    cg_tol=opt.cg_tol,
+    initial_damping=opt.initial_damping,
+    num_recorded_iterates=opt.num_recorded_iterates or None,
+    gradient_schedule=gradient,
+    curvature_schedule=curvature,
+    seed=config.seed,
+  )
+  loss = batch_loss(task)
+
+  def step(params, state, batch, curvature_batch):
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    updates, state = tx.update(
+      grads, state, params, batch=batch, curvature_batch=curvature_batch, loss=value
+    )
+    return optax.apply_updates(params, updates), state
+
+  compiled = AheadOfTime(step)
+  variance_test = gradient.kind == "variance"
+
+  def run(params, state, place):
+    sizes = hfjax.sample_sizes(state)
+    batch, curvature_batch = place(sampler.sample_pair(*sizes))
+    params, state = compiled(params, state, batch, curvature_batch)
+    info = jax.device_get({k: optax.tree.get(state, k) for k in HF_INFO})
+    record = {k: v.item() for k, v in info.items()}
+    record["train_loss"] = record.pop("loss_before")
+    record["examples"] = _hf_examples(record, opt.preconditioner, variance_test)
+    return params, state, record
+
+  return tx.init(task.params), run, compiled
+
+
+def _first_order(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
+  opt = config.optimizer
+  require(opt.learning_rate > 0, f"config.optimizer.learning_rate={opt.learning_rate} must be > 0.")
+  require(0 <= opt.momentum < 1, f"config.optimizer.momentum={opt.momentum} must be in [0, 1).")
+  batch_size = num_examples(opt.batch_size, sampler.num_examples, "optimizer.batch_size")
+  if opt.name == "adam":
+    tx = optax.adam(opt.learning_rate)
+  else:
+    tx = optax.sgd(opt.learning_rate, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  loss = batch_loss(task)
+
+  def step(params, state, batch):
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  compiled = AheadOfTime(step)
+
+  def run(params, state, place):
+    batch = place(sampler.sample(batch_size))
+    params, state, value = compiled(params, state, batch)
+    return params, state, {"train_loss": float(value), "examples": 2 * batch_size}
+
+  return tx.init(task.params), run, compiled
+
+
+def _lbfgs(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
+  opt = config.optimizer
+  batch_size = num_examples(opt.batch_size, sampler.num_examples, "optimizer.batch_size")
+  tx = optax.lbfgs(memory_size=opt.memory_size)
+  loss = batch_loss(task)
+  # L-BFGS needs a deterministic objective: one fixed batch for the whole run.
+  fixed_batch = sampler.sample(batch_size)
+
+  def step(params, state, batch):
+    objective = lambda p: loss(p, batch)
+    value, grads = optax.value_and_grad_from_state(objective)(params, state=state)
+    updates, state = tx.update(grads, state, params, value=value, grad=grads, value_fn=objective)
+    return optax.apply_updates(params, updates), state, value
+
+  compiled = AheadOfTime(step)
+  first_step = True
+
+  def run(params, state, place):
+    nonlocal first_step
+    params, state, value = compiled(params, state, place(fixed_batch))
+    trials = int(optax.tree.get(state, "num_linesearch_steps"))
+    # The first step evaluates the objective itself; later ones reuse the line search's.
+    passes = trials + first_step
+    first_step = False
+    return params, state, {"train_loss": float(value), "examples": 2 * batch_size * passes}
+
+  return tx.init(task.params), run, compiled
+
+
+def build_optimizer(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
+  """``(opt_state, run, compiled)`` of the config's optimizer (see the module docstring)."""
+  builder = {"hf": _hessian_free, "adam": _first_order, "sgd": _first_order, "lbfgs": _lbfgs}
+  return builder[config.optimizer.name](config, task, sampler)
