@@ -17,29 +17,27 @@ denominator alike) and the median over rounds is printed with its range.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
+from absl import app, flags
 
 from benchmarks import common
 
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 1000, "curvature batch size")
+_LOOP = flags.DEFINE_integer(
+  "loop", 9, "k: products per timed loop (the slope needs two loop lengths)", lower_bound=2
+)
+_REPEATS = flags.DEFINE_integer("repeats", 7, "interleaved timing rounds")
+_NO_HESSIAN = flags.DEFINE_bool("no-hessian", False, "skip the exact Hessian")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the parameters, the batch and the vector")
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch-size", type=int, default=1000, help="curvature batch size")
-  parser.add_argument("--loop", type=int, default=9, help="k: products per timed loop")
-  parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-  parser.add_argument("--no-hessian", action="store_true", help="skip the exact Hessian")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.loop < 2:
-    parser.error("--loop must be at least 2 (the slope needs two loop lengths).")
 
-  common.print_header("bench_curvature: curvature-vector product / gradient", args)
-  params, batch, v = common.setup(args.seed, args.batch_size)
-  print(f"# params: {common.num_params(params):,}; batch: {args.batch_size}; float32")
+def main(argv: list[str]) -> None:
+  common.check_argv(argv)
+  common.print_header("bench_curvature: curvature-vector product / gradient", common.script_flags())
+  params, batch, v = common.setup(_SEED.value, _BATCH_SIZE.value)
+  print(f"# params: {common.num_params(params):,}; batch: {_BATCH_SIZE.value}; float32")
 
-  k = args.loop
+  k, repeats, no_hessian = _LOOP.value, _REPEATS.value, _NO_HESSIAN.value
   grad = jax.jit(jax.grad(common.batch_loss))
   grad_1, grad_k = common.gradient_loop(1), common.gradient_loop(k)
   gn_once = jax.jit(lambda p, b, u: common.gn_matvec(p, b)(u))
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     "gn_loop_1": lambda: gn_1(params, batch, v),
     f"gn_loop_{k}": lambda: gn_k(params, batch, v),
   }
-  if not args.no_hessian:
+  if not no_hessian:
     h_once = jax.jit(lambda p, b, u: common.hessian_matvec(p, b)(u))
     h_1, h_k = common.matvec_loop(1, exact_hessian=True), common.matvec_loop(k, exact_hessian=True)
     fns |= {
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
       "hess_loop_1": lambda: h_1(params, batch, v),
       f"hess_loop_{k}": lambda: h_k(params, batch, v),
     }
-  samples = common.time_interleaved(fns, args.repeats)
+  samples = common.time_interleaved(fns, repeats)
 
   print("\n## raw times, ms: median [min, max]")
   for name, times in samples.items():
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
       "grad_loop": t[f"grad_loop_{k}"],
       "grad_step": (t[f"grad_loop_{k}"] - t["grad_loop_1"]) / (k - 1),
     }
-    for prefix in ("gn", "hess")[: 1 if args.no_hessian else 2]:
+    for prefix in ("gn", "hess")[: 1 if no_hessian else 2]:
       step = (t[f"{prefix}_loop_{k}"] - t[f"{prefix}_loop_1"]) / (k - 1)
       costs |= {
         f"{prefix}_step": step,
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
       }
     return costs
 
-  rounds = [per_round({n: ts[r] for n, ts in samples.items()}) for r in range(args.repeats)]
+  rounds = [per_round({n: ts[r] for n, ts in samples.items()}) for r in range(repeats)]
   fastest = per_round({n: min(ts) for n, ts in samples.items()})
   rows = [
     ("gradient per step of a loop (slope) / one jitted gradient", "grad_step", "grad"),
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ("GN linearise + 1 matvec (one jit) / one jitted gradient", "gn_once", "grad"),
     ("GN one-off linearisation (once - slope) / one jitted gradient", "gn_linearise", "grad"),
   ]
-  if not args.no_hessian:
+  if not no_hessian:
     rows += [
       ("Hessian matvec per product (slope) / gradient per step (slope)", "hess_step", "grad_step"),
       ("Hessian linearise + 1 matvec (one jit) / one jitted gradient", "hess_once", "grad"),
@@ -118,4 +116,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

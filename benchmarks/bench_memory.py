@@ -18,16 +18,22 @@ Usage: ``python -m benchmarks.bench_memory [--batch-size 100] [--max-cg-steps 25
 
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 
 import jax
 import numpy as np
+from absl import app, flags
 
 import hfjax
 from benchmarks import common
+from hfjax.experiments import models
 
-ENCODER = (784, 500, 250, 30)  # mirrored: 784-500-250-30-250-500-784, about 1.05M params
+# Mirrored: 784-500-250-30-250-500-784, about 1.05M params.
+MODEL = models.DeepAutoencoder((500, 250, 30))
+
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 100, "gradient and curvature batch size")
+_MAX_CG_STEPS = flags.DEFINE_integer("max-cg-steps", 250, "hessian_free's max_cg_steps")
 
 
 def _slots(max_cg_steps: int, num_recorded: int | None) -> int:
@@ -37,9 +43,11 @@ def _slots(max_cg_steps: int, num_recorded: int | None) -> int:
 
 def measure(params, batch, *, memory_size, num_recorded, lbfgs_pairs, max_cg_steps):
   """``memory_analysis`` of the compiled update, in bytes."""
+  apply_fn = models.make_apply_fn(MODEL)
+  loss = functools.partial(common.batch_loss, apply_fn=apply_fn)
   tx = hfjax.hessian_free(
-    common.autoencoder_apply,
-    common.sigmoid_cross_entropy,
+    apply_fn,
+    models.sigmoid_cross_entropy,
     preconditioner="lbfgs",
     memory_size=memory_size,
     lbfgs_pairs=lbfgs_pairs,
@@ -49,7 +57,7 @@ def measure(params, batch, *, memory_size, num_recorded, lbfgs_pairs, max_cg_ste
   state = jax.eval_shape(tx.init, params)
 
   def update(grads, state, params, batch):
-    return tx.update(grads, state, params, batch=batch, loss=common.batch_loss(params, batch))
+    return tx.update(grads, state, params, batch=batch, loss=loss(params, batch))
 
   compiled = jax.jit(update).lower(params, state, params, batch).compile()
   stats = compiled.memory_analysis()
@@ -61,21 +69,21 @@ def measure(params, batch, *, memory_size, num_recorded, lbfgs_pairs, max_cg_ste
   }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch-size", type=int, default=100)
-  parser.add_argument("--max-cg-steps", type=int, default=250)
-  args = parser.parse_args()
-  common.print_header("Peak memory of one hessian_free update (compiled memory_analysis)", args)
+def main(argv: list[str]) -> None:
+  common.check_argv(argv)
+  batch_size, max_cg_steps = _BATCH_SIZE.value, _MAX_CG_STEPS.value
+  common.print_header(
+    "Peak memory of one hessian_free update (compiled memory_analysis)", common.script_flags()
+  )
 
   key = jax.random.key(0)
-  params = jax.eval_shape(lambda k: common.init_autoencoder(k, ENCODER), key)
-  batch = jax.eval_shape(lambda k: common.random_batch(k, args.batch_size), key)
+  params = jax.eval_shape(lambda k: common.init_params(k, MODEL), key)
+  batch = jax.eval_shape(lambda k: common.random_batch(k, batch_size), key)
   vector = common.vector_bytes(params)
   batch_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(batch))
   print(
     f"# params: {common.num_params(params):,} (one vector = {vector / 2**20:.2f} MiB); "
-    f"batch: {args.batch_size} x 784 inputs and targets = {batch_bytes / vector:.2f} vectors"
+    f"batch: {batch_size} x 784 inputs and targets = {batch_bytes / vector:.2f} vectors"
   )
   print(
     "# arguments = grads + params + state (+ batch); outputs = step + state; peak = temp + "
@@ -97,12 +105,12 @@ def main() -> None:
       memory_size=m,
       num_recorded=recorded,
       lbfgs_pairs=lbfgs_pairs,
-      max_cg_steps=args.max_cg_steps,
+      max_cg_steps=max_cg_steps,
     )
     peak = stats["temp"] + stats["arguments"] + stats["outputs"] - stats["aliased"]
     print(
       f"| {lbfgs_pairs:>12} | {m:>3} | {str(recorded):>8} | "
-      f"{_slots(args.max_cg_steps, recorded):>5} | {stats['temp'] / vector:>6.1f} | "
+      f"{_slots(max_cg_steps, recorded):>5} | {stats['temp'] / vector:>6.1f} | "
       f"{stats['arguments'] / vector:>6.1f} | {stats['outputs'] / vector:>7.1f} | "
       f"{peak / vector:>6.1f} | {peak / 2**20:>8.1f} |",
       flush=True,
@@ -110,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

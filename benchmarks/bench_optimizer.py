@@ -23,15 +23,31 @@ Timings are medians over interleaved repeats, compilation excluded (see
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import optax
+from absl import app, flags
 
 import hfjax
 from benchmarks import common
 
 GOAL = 0.15
+
+_CG_STEPS = flags.DEFINE_integer("cg-steps", 50, "CG steps of both programs (cg_tol=0)")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 1000, "gradient and curvature batch size")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved timing rounds")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the parameters and the batch")
+_DAMPING = flags.DEFINE_float(
+  "damping",
+  1.0,
+  "initial lambda; with Martens' 45 this system is solved to round-off within 50 "
+  "steps and CG then stops early on a breakdown, so a mid-run value is the default",
+)
+_PRECONDITIONERS = flags.DEFINE_list(
+  "preconditioners",
+  ["lbfgs", "none"],
+  "comma-separated, from 'none' and 'lbfgs' (the default preconditioner)",
+)
+_WITHOUT_LOSS = flags.DEFINE_bool("without-loss", False, "also time update(...) without loss=")
 
 
 def make_optimizer(
@@ -69,33 +85,42 @@ def cg_alone(preconditioner: str, cg_steps: int, memory_size: int = 10, decay: f
   return solve
 
 
-def measure(preconditioner: str, args: argparse.Namespace) -> dict[str, float]:
-  params, batch, _ = common.setup(args.seed, args.batch_size)
-  tx = make_optimizer(preconditioner, args.cg_steps, args.damping)
+def measure(
+  preconditioner: str,
+  *,
+  cg_steps: int,
+  batch_size: int,
+  repeats: int,
+  seed: int,
+  damping: float,
+  without_loss: bool,
+) -> dict[str, float]:
+  params, batch, _ = common.setup(seed, batch_size)
+  tx = make_optimizer(preconditioner, cg_steps, damping)
   loss_and_grad = jax.jit(jax.value_and_grad(common.batch_loss))
   update = jax.jit(tx.update)
   loss, grads = loss_and_grad(params, batch)
   updates, state = update(grads, tx.init(params), params, batch=batch, loss=loss)
   params = optax.apply_updates(params, updates)
   loss, grads = loss_and_grad(params, batch)
-  solve = cg_alone(preconditioner, args.cg_steps)
+  solve = cg_alone(preconditioner, cg_steps)
 
   fns = {
     "update": lambda: update(grads, state, params, batch=batch, loss=loss),
     "cg": lambda: solve(grads, state, params, batch),
   }
-  if args.without_loss:
+  if without_loss:
     fns["update_no_loss"] = lambda: update(grads, state, params, batch=batch)
-  samples = common.time_interleaved(fns, args.repeats)
+  samples = common.time_interleaved(fns, repeats)
 
   _, after = fns["update"]()
   result = fns["cg"]()
   steps = (int(after.info.cg_steps), int(result.num_steps))
-  if steps != (args.cg_steps, args.cg_steps):
-    raise RuntimeError(f"CG ran {steps} steps (update, alone), expected {args.cg_steps} each.")
+  if steps != (cg_steps, cg_steps):
+    raise RuntimeError(f"CG ran {steps} steps (update, alone), expected {cg_steps} each.")
 
   times = {name: common.median(s) for name, s in samples.items()}
-  print(f"\n## preconditioner={preconditioner!r}, {args.cg_steps} CG steps")
+  print(f"\n## preconditioner={preconditioner!r}, {cg_steps} CG steps")
   for name, s in samples.items():
     print(f"  {name:15s} {common.spread(s)} ms")
   print(
@@ -116,32 +141,15 @@ def measure(preconditioner: str, args: argparse.Namespace) -> dict[str, float]:
   return times
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cg-steps", type=int, default=50)
-  parser.add_argument("--batch-size", type=int, default=1000)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-    "--damping",
-    type=float,
-    default=1.0,
-    help="initial lambda; with Martens' 45 this system is solved to round-off within 50 "
-    "steps and CG then stops early on a breakdown, so a mid-run value is the default",
+def main(argv: list[str]) -> None:
+  common.check_argv(argv)
+  common.print_header(
+    "hessian_free outer step vs CG alone (MNIST autoencoder)", common.script_flags()
   )
-  parser.add_argument(
-    "--preconditioners",
-    default="lbfgs,none",
-    help="comma-separated, from 'none' and 'lbfgs' (the default preconditioner)",
-  )
-  parser.add_argument(
-    "--without-loss", action="store_true", help="also time update(...) without loss="
-  )
-  args = parser.parse_args(argv)
-  common.print_header("hessian_free outer step vs CG alone (MNIST autoencoder)", args)
-  for preconditioner in args.preconditioners.split(","):
-    measure(preconditioner.strip(), args)
+  settings = {name.replace("-", "_"): value for name, value in common.script_flags().items()}
+  for preconditioner in settings.pop("preconditioners"):
+    measure(preconditioner, **settings)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

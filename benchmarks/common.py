@@ -1,9 +1,12 @@
-"""Shared pieces of the hfjax benchmarks: the MNIST-shaped deep autoencoder and timing helpers.
+"""Shared pieces of the hfjax benchmarks: the MNIST deep autoencoder and timing helpers.
 
-The model is Hinton & Salakhutdinov's MNIST autoencoder as used by Martens (2010):
-784-1000-500-250-30, mirrored, logistic hidden units, a linear 30-unit code layer, and a
-sigmoid cross-entropy loss summed over the 784 pixels and averaged over the batch. Weights use
-Martens' sparse initialisation (15 non-zero N(0, 1) incoming weights per unit, zero biases).
+The model is :class:`hfjax.experiments.models.DeepAutoencoder` with
+:data:`~hfjax.experiments.models.MNIST_ENCODER`, the autoencoder of Hinton & Salakhutdinov as
+used by Martens (2010): 784-1000-500-250-30, mirrored, logistic hidden units, a linear 30-unit
+code layer, and :func:`~hfjax.experiments.models.sigmoid_cross_entropy` summed over the 784
+pixels and averaged over the batch. Weights use the experiments' Martens sparse
+initialisation (:func:`~hfjax.experiments.models.sparse_init`: 15 non-zero N(0, 1) incoming
+weights per unit, zero biases); the parameters are the module's Flax params dict.
 
 Timings follow one recipe everywhere: every variant is compiled and run once before timing,
 repetitions are interleaved (each round runs every variant once, in a rotated order, so slow
@@ -17,75 +20,44 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 
 import hfjax
+from hfjax.experiments import models
+from hfjax.experiments.cli import check_argv as check_argv
 
-MNIST_ENCODER = (784, 1000, 500, 250, 30)
-
-
-def layer_sizes(encoder: Sequence[int] = MNIST_ENCODER) -> tuple[int, ...]:
-  """The encoder sizes followed by their mirror image: 784-...-30-...-784 for MNIST."""
-  return tuple(encoder) + tuple(reversed(encoder[:-1]))
-
-
-def init_autoencoder(
-  key: jax.Array,
-  encoder: Sequence[int] = MNIST_ENCODER,
-  *,
-  num_nonzero: int = 15,
-  dtype: Any = jnp.float32,
-) -> list[dict[str, jax.Array]]:
-  """Sparse initialisation: each unit gets ``num_nonzero`` N(0, 1) incoming weights.
-
-  Returns a list of ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` layers with zero biases.
-  """
-  sizes = layer_sizes(encoder)
-  params = []
-  for layer_key, fan_in, fan_out in zip(
-    jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:], strict=True
-  ):
-    pick_key, value_key = jax.random.split(layer_key)
-    # A random rank per incoming connection; the num_nonzero smallest of each unit survive.
-    scores = jax.random.uniform(pick_key, (fan_in, fan_out))
-    kth = jnp.sort(scores, axis=0)[min(num_nonzero, fan_in) - 1]
-    weights = jax.random.normal(value_key, (fan_in, fan_out), dtype)
-    params.append(
-      {"w": jnp.where(scores <= kth, weights, 0).astype(dtype), "b": jnp.zeros((fan_out,), dtype)}
-    )
-  return params
+INPUT_SIZE = 784
+MODEL = models.DeepAutoencoder(models.MNIST_ENCODER)
+autoencoder_apply = models.make_apply_fn(MODEL)
+sigmoid_cross_entropy = models.sigmoid_cross_entropy
 
 
-def autoencoder_apply(params: list[dict[str, jax.Array]], inputs: jax.Array) -> jax.Array:
-  """Output logits of the autoencoder; the code layer (the middle one) is linear."""
-  code_layer = len(params) // 2 - 1
-  h = inputs
-  for i, layer in enumerate(params):
-    h = h @ layer["w"] + layer["b"]
-    if i != code_layer and i != len(params) - 1:
-      h = jax.nn.sigmoid(h)
-  return h
+def init_params(
+  key: jax.Array, model: models.DeepAutoencoder = MODEL, dtype: Any = jnp.float32
+) -> dict[str, Any]:
+  """The Flax params of ``model`` (sparse kernels, zero biases) for 784-pixel inputs."""
+  return model.init(key, jnp.zeros((1, INPUT_SIZE), dtype))["params"]
 
 
-def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Binary cross-entropy of ``sigmoid(logits)``, summed over pixels, mean over the batch."""
-  per_pixel = jax.nn.softplus(logits) - targets * logits
-  return jnp.mean(jnp.sum(per_pixel, axis=-1))
-
-
-def batch_loss(params: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+def batch_loss(
+  params: Any,
+  batch: tuple[jax.Array, jax.Array],
+  apply_fn: Callable[[Any, jax.Array], jax.Array] = autoencoder_apply,
+) -> jax.Array:
   """The autoencoder loss on ``batch = (inputs, targets)``."""
   inputs, targets = batch
-  return sigmoid_cross_entropy(autoencoder_apply(params, inputs), targets)
+  return sigmoid_cross_entropy(apply_fn(params, inputs), targets)
 
 
-def random_batch(key: jax.Array, size: int, dim: int = 784) -> tuple[jax.Array, jax.Array]:
+def random_batch(key: jax.Array, size: int, dim: int = INPUT_SIZE) -> tuple[jax.Array, jax.Array]:
   """Uniform [0, 1] float32 inputs with targets equal to the inputs."""
   inputs = jax.random.uniform(key, (size, dim), jnp.float32)
   return inputs, inputs
@@ -94,11 +66,9 @@ def random_batch(key: jax.Array, size: int, dim: int = 784) -> tuple[jax.Array, 
 def setup(seed: int = 0, batch_size: int = 1000):
   """Params, a curvature batch and a random unit-norm vector shaped like the params."""
   init_key, batch_key, vector_key = jax.random.split(jax.random.key(seed), 3)
-  params = init_autoencoder(init_key)
+  params = init_params(init_key)
   batch = random_batch(batch_key, batch_size)
-  v = optax.tree.random_like(vector_key, params)
-  v = optax.tree.scale(1.0 / optax.tree.norm(v), v)
-  return params, batch, v
+  return params, batch, _normalised(optax.tree.random_like(vector_key, params))
 
 
 def vector_bytes(tree: Any) -> int:
@@ -205,7 +175,13 @@ def machine_description() -> str:
   )
 
 
+def script_flags() -> dict[str, Any]:
+  """The values of the absl flags that the running script defines."""
+  return {flag.name: flag.value for flag in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
+
+
 def print_header(title: str, args: Any) -> None:
+  """Prints the title, the machine and ``args``: a mapping of flags or an argparse namespace."""
   print(f"# {title}")
   print(f"# {machine_description()}")
-  print(f"# flags: {vars(args)}")
+  print(f"# flags: {dict(args) if isinstance(args, Mapping) else vars(args)}")
