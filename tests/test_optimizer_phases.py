@@ -1,0 +1,238 @@
+"""Each phase of hfjax.hessian_free's update alone, against plain-Python references."""
+
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hfjax
+from hfjax import optimizer
+
+# Levenberg-Marquardt damping
+
+
+def _martens_rule(rho, damping, config):
+  """Martens (2010), section 4.1, with the bounds, in float32 like the state."""
+  damping = np.float32(damping)
+  if rho < config.low:
+    damping = damping * np.float32(config.increase)
+  elif rho > config.high:
+    damping = damping * np.float32(config.decrease)
+  return min(max(damping, np.float32(config.minimum)), np.float32(config.maximum))
+
+
+DAMPING_RULES = {
+  "default": hfjax.DampingConfig(),
+  "custom": hfjax.DampingConfig(
+    increase=3.0, decrease=0.5, low=0.3, high=0.6, minimum=0.2, maximum=2.0
+  ),
+  "one_band": hfjax.DampingConfig(low=0.5, high=0.5),
+}
+
+
+@pytest.mark.parametrize("rule", list(DAMPING_RULES))
+def test_damping_rule_matches_martens_over_a_grid(rule):
+  config = DAMPING_RULES[rule]
+  edges = [config.low, config.high]
+  rhos = [-np.inf, -5.0, 0.0, 0.1, 0.5, 0.7, 0.9, 1.0, 3.0]
+  rhos += [float(np.nextafter(np.float32(e), np.float32(d))) for e in edges for d in (-1, 2)]
+  rhos += edges
+  dampings = [1e-12, 1e-8, 1e-3, 0.19, 0.2, 1.0, 1.9, 2.0, 45.0, 1e8, 3e8]
+  grid_rho, grid_damping = (np.asarray(a, np.float32) for a in np.meshgrid(rhos, dampings))
+  new = optimizer._adapt_damping(config, jnp.asarray(grid_damping), jnp.asarray(grid_rho))
+  expected = [
+    _martens_rule(r, d, config) for r, d in zip(grid_rho.ravel(), grid_damping.ravel(), strict=True)
+  ]
+  assert new.dtype == jnp.float32
+  np.testing.assert_array_equal(np.ravel(new), np.asarray(expected, np.float32))
+
+
+def test_damping_rule_reads_a_rejected_step_as_an_increase():
+  config = hfjax.DampingConfig()
+  new = optimizer._adapt_damping(config, jnp.float32(2.0), jnp.float32(-jnp.inf))
+  assert float(new) == np.float32(2.0) * np.float32(config.increase)
+
+
+# CG backtracking
+
+
+def _fake_result(steps, losses, values=None):
+  """A CGResult whose slot i holds the iterate [i]; ``losses[i]`` is its validation loss."""
+  slots = len(steps)
+  values = np.linspace(-1.0, -2.0, slots) if values is None else values
+  result = hfjax.CGResult(
+    x=jnp.zeros(1),
+    num_steps=jnp.int32(max(steps)),
+    value=jnp.float32(0.0),
+    stop_reason=jnp.int32(hfjax.CGStopReason.MAX_STEPS),
+    residual_norm=jnp.float32(0.0),
+    iterates=jnp.arange(slots, dtype=jnp.float32)[:, None],
+    iterate_steps=jnp.asarray(steps, jnp.int32),
+    iterate_values=jnp.asarray(values, jnp.float32),
+    preconditioner_state=None,
+  )
+  table = jnp.asarray(losses, jnp.float32)
+  calls = []
+
+  def validation_loss(iterate):
+    jax.debug.callback(lambda: calls.append(1))
+    return table[iterate[0].astype(jnp.int32)]
+
+  return result, validation_loss, calls
+
+
+# Each case: CG step per slot (-1: empty), validation loss per slot, then the slot the walk
+# must choose and the losses it must evaluate. The walk starts at the newest iterate and
+# stops at the first one that is not better than the best so far.
+WALKS = {
+  "stops_at_first_increase": ([1, 2, 3, 4, 6], [1.0, 3.5, 3.0, 4.0, 5.0], 2, 4),
+  "newest_is_best": ([1, 2, 3, 4, 6], [1.0, 2.0, 3.0, 4.0, 0.5], 4, 2),
+  "falls_to_the_oldest": ([1, 2, 3, 4, 6], [1.0, 2.0, 3.0, 4.0, 5.0], 0, 5),
+  "equal_loss_stops": ([1, 2, 3, 4, 6], [1.0, 2.0, 3.0, 3.0, 5.0], 3, 3),
+  "ring_buffer_order": ([11, 14, 6, 8], [0.8, 1.0, 0.5, 1.5], 0, 3),
+  "non_finite_newest": ([1, 2, 3], [2.0, 1.0, np.nan], 1, 3),
+  "non_finite_never_wins": ([1, 2, 3], [1.0, np.inf, 2.0], 2, 2),
+  "empty_slots_never_win": ([1, 2, 3, -1, -1], [3.0, 2.0, 2.5, 0.0, 0.0], 1, 3),
+  # All recorded iterates improve: the walk reads one empty slot before it stops.
+  "walks_into_an_empty_slot": ([1, 2, 3, -1, -1], [1.0, 2.0, 3.0, 0.0, 0.0], 0, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(WALKS))
+def test_backtracking_walk_picks_the_best_and_counts_evaluations(case):
+  steps, losses, chosen_slot, evaluations = WALKS[case]
+  values = -np.arange(1.0, len(steps) + 1)
+  result, validation_loss, calls = _fake_result(steps, losses, values)
+  walk = jax.jit(lambda r: optimizer._backtrack(r, validation_loss, jnp.float32))(result)
+  jax.effects_barrier()
+
+  assert int(walk.evaluations) == evaluations == len(calls)
+  np.testing.assert_array_equal(walk.direction, [chosen_slot])
+  assert int(walk.cg_step) == steps[chosen_slot]
+  assert float(walk.model_value) == values[chosen_slot]
+  assert float(walk.validation_loss) == np.float32(losses[chosen_slot])
+
+
+def test_backtracking_walk_keeps_the_loss_dtype():
+  with jax.enable_x64(True):
+    result, validation_loss, _ = _fake_result([1, 2], [2.0, 1.0])
+    walk = optimizer._backtrack(
+      result, lambda x: validation_loss(x).astype(jnp.float64), jnp.float64
+    )
+    assert walk.model_value.dtype == walk.validation_loss.dtype == jnp.float64
+
+
+# Armijo line search
+
+
+def _plain_line_search(config, loss_at, f0, f1, slope):
+  """The search as a plain loop in float32: (tries, t, f, sufficient)."""
+  f0, slope = np.float32(f0), np.float32(slope)
+
+  def sufficient(t, f):
+    return bool(f <= f0 + np.float32(config.armijo) * t * slope and f < f0)
+
+  tries, t, f = 1, np.float32(1.0), np.float32(f1)
+  while not sufficient(t, f) and tries < config.max_steps:
+    t = np.float32(t * np.float32(config.shrink))
+    f = np.float32(loss_at(t))
+    f = f if np.isfinite(f) else np.float32(np.inf)
+    tries += 1
+  return tries, t, f, sufficient(t, f)
+
+
+def _quadratic(f0, slope, curvature):
+  return lambda t: f0 + slope * t + 0.5 * curvature * t * t
+
+
+SEARCHES = {
+  "unit_step_accepted": (hfjax.LineSearchConfig(), _quadratic(1.0, -1.0, 1.0), -1.0),
+  "shrinks_on_a_steep_quadratic": (hfjax.LineSearchConfig(), _quadratic(1.0, -1.0, 9.0), -1.0),
+  "strict_armijo": (
+    hfjax.LineSearchConfig(armijo=0.9, shrink=0.5),
+    _quadratic(1.0, -2.0, 2.0),
+    -2.0,
+  ),
+  "never_decreases": (hfjax.LineSearchConfig(max_steps=7), lambda t: 1.0 + t, -1.0),
+  "zero_slope_takes_a_decrease": (hfjax.LineSearchConfig(), _quadratic(1.0, 0.0, -1.0), 0.0),
+  "flat_is_no_decrease": (hfjax.LineSearchConfig(max_steps=5), lambda t: 1.0, 0.0),
+  "nan_at_long_steps": (
+    hfjax.LineSearchConfig(shrink=0.5),
+    lambda t: np.nan if t > 0.3 else 1.0 - t,
+    -1.0,
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(SEARCHES))
+def test_line_search_matches_a_plain_loop(case):
+  config, loss, slope = SEARCHES[case]
+  f0, f1 = np.float32(loss(0.0)), np.float32(loss(1.0))
+  f1 = f1 if np.isfinite(f1) else np.float32(np.inf)  # the walk hands over finite_or(f, inf)
+
+  def loss_at(t):
+    return jax.pure_callback(
+      lambda t: np.float32(loss(np.float32(t))), jax.ShapeDtypeStruct((), jnp.float32), t
+    )
+
+  search, sufficient = jax.jit(
+    lambda f0, f1, slope: optimizer._line_search(config, loss_at, f0, f1, slope)
+  )(jnp.float32(f0), jnp.float32(f1), jnp.float32(slope))
+  tries, t, f, expected_sufficient = _plain_line_search(config, loss, f0, f1, slope)
+  assert int(search.tries) == tries
+  assert float(search.step_size) == t
+  assert float(search.loss) == f
+  assert bool(sufficient) == expected_sufficient
+
+
+@pytest.mark.parametrize("curvature", [3.0, 9.0, 40.0, 100.0])
+def test_line_search_step_on_a_quadratic_is_the_closed_form(curvature):
+  """On f(t) = f0 + s t + a t^2 / 2 Armijo holds exactly for t <= 2 (c - 1) s / a, so the
+  search stops at the first power of the shrink factor below that."""
+  config = hfjax.LineSearchConfig()
+  f0, slope = 1.0, -1.0
+  loss = _quadratic(f0, slope, curvature)
+  longest = 2 * (config.armijo - 1) * slope / curvature
+  k = max(0, math.ceil(math.log(longest) / math.log(config.shrink)))
+  assert abs(config.shrink**k / longest - 1) > 1e-3  # not decided by rounding
+
+  search, sufficient = optimizer._line_search(
+    config,
+    lambda t: jnp.float32(f0) + slope * t + 0.5 * curvature * t * t,
+    jnp.float32(f0),
+    jnp.float32(loss(1.0)),
+    jnp.float32(slope),
+  )
+  assert bool(sufficient)
+  assert int(search.tries) == k + 1
+  np.testing.assert_allclose(float(search.step_size), config.shrink**k, rtol=1e-6)
+
+
+# Options
+
+
+def test_every_preconditioner_name_has_a_builder():
+  assert set(typing.get_args(optimizer.PreconditionerName)) == set(optimizer._PRECONDITIONERS)
+  assert optimizer.PRECONDITIONERS == typing.get_args(optimizer.PreconditionerName)
+  assert optimizer.LBFGS_PAIRS == typing.get_args(optimizer.LBFGSPairs)
+
+
+@pytest.mark.parametrize("preconditioner", optimizer.PRECONDITIONERS)
+@pytest.mark.parametrize("lbfgs_pairs", optimizer.LBFGS_PAIRS)
+def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
+  tx = hfjax.hessian_free(
+    lambda w, x: x @ w,
+    lambda out, y: jnp.mean((out - y) ** 2),
+    preconditioner=preconditioner,
+    lbfgs_pairs=lbfgs_pairs,
+    memory_size=3,
+  )
+  state = tx.init(jnp.zeros(4))
+  keeps_pairs = preconditioner == "lbfgs" and lbfgs_pairs == "previous"
+  assert (state.lbfgs is not None) == keeps_pairs
+  if keeps_pairs:
+    assert state.lbfgs.s_memory.shape == (3, 4)
+  assert state.preconditioner is None
