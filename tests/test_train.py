@@ -162,7 +162,7 @@ def test_configs_start_from_default_and_never_import_the_trainer(tmp_path):
   )
   assert result.returncode == 0, result.stderr
   out = json.loads(result.stdout)
-  for module in ("train", "optimizers", "task", "ablation", "main", "ablation_main"):
+  for module in ("train", "optimizers", "task", "ablation", "main"):
     assert f"hfjax.experiments.{module}" not in out["modules"], module
   configs = out["configs"]
   default = sorted(_flat_keys(config_lib.default_config().to_dict()))

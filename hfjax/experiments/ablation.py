@@ -25,7 +25,7 @@ of the baseline's seeds (the loss every baseline seed reaches within the budget)
 
 The methods and the configs are in :mod:`hfjax.experiments.ablation_config`, the report's
 tables and checked goals in :mod:`hfjax.experiments.report`, the flags in
-:mod:`hfjax.experiments.ablation_main`. It writes ``<workdir>/RESULTS.md`` (one table per
+:mod:`hfjax.experiments.main`. It writes ``<workdir>/RESULTS.md`` (one table per
 task, mean ± standard deviation over the seeds, and the goals checked on the numbers),
 ``<workdir>/<task>_{train,test}_loss.png``, and each run's own outputs under
 ``<workdir>/<task>/<method>/seed<k>/``. A run whose ``summary.json`` exists for the same
@@ -38,7 +38,7 @@ import pathlib
 import time
 
 import ml_collections
-from absl import app
+from absl import app, flags
 
 from hfjax.experiments import plotting, report, train
 
@@ -147,7 +147,8 @@ def run_ablation(
 
 
 if __name__ == "__main__":
-  # The documented command is `python -m hfjax.experiments.ablation`; its flags live apart.
-  from hfjax.experiments import ablation_main
+  # The documented command is `python -m hfjax.experiments.ablation`; its flags live in main.
+  from hfjax.experiments import main
 
-  app.run(ablation_main.main)
+  flags.adopt_module_key_flags(main)  # so that --help lists them
+  app.run(main.ablation_main)

@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 import hfjax
@@ -340,4 +340,5 @@ if __name__ == "__main__":
   # The documented command is `python -m hfjax.experiments.train`; its flags live in main.
   from hfjax.experiments import main
 
+  flags.adopt_module_key_flags(main)  # so that --help lists them
   app.run(main.main)
