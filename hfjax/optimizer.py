@@ -487,7 +487,9 @@ class _Backtracked(NamedTuple):
   evaluations: jax.Array
 
 
-def _backtrack(result: CGResult, validation_loss, dtype) -> _Backtracked:
+def _backtrack(
+  result: CGResult, validation_loss: Callable[[Any], jax.Array], dtype: Any
+) -> _Backtracked:
   """Walks the recorded iterates from the newest backwards while ``validation_loss``
   keeps falling, and keeps the best (empty slots and non-finite losses never win)."""
   order = jnp.argsort(-result.iterate_steps)
@@ -521,6 +523,13 @@ def _backtrack(result: CGResult, validation_loss, dtype) -> _Backtracked:
   )
 
 
+def _loss_after_step(problem: _Problem, chosen: _Backtracked) -> jax.Array:
+  """:math:`f(\\theta + d)` on the gradient batch (the walk has it if that is its batch)."""
+  if problem.batches.validation is problem.batches.gradient:
+    return chosen.validation_loss
+  return finite_or(problem.loss(chosen.direction, problem.batches.gradient), jnp.inf)
+
+
 def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> jax.Array:
   """:math:`\\rho = (f(\\theta + d) - f(\\theta)) / q(d)`; ``-inf`` unless :math:`q(d) < 0`."""
   return jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
@@ -542,7 +551,9 @@ def _sufficient_decrease(config: LineSearchConfig, f0, slope, t, f) -> jax.Array
   return (f <= f0 + config.armijo * t * slope) & (f < f0)
 
 
-def _line_search(config: LineSearchConfig, loss_at, f0, f1, slope) -> tuple[_Search, jax.Array]:
+def _line_search(
+  config: LineSearchConfig, loss_at: Callable[[jax.Array], jax.Array], f0, f1, slope
+) -> tuple[_Search, jax.Array]:
   """Shrinks :math:`t` from 1 (whose loss ``f1`` is known) until
   :func:`_sufficient_decrease` holds or ``config.max_steps`` losses were tried; returns the
   last trial and whether it is sufficient. ``loss_at(t)`` is :math:`f(\\theta + t d)`."""
@@ -599,13 +610,6 @@ def _next_sampling(options, problem: _Problem, state) -> sampling.SamplingState 
     variance_l1=variance_l1,
     grad_sq_norm=grad_sq_norm,
   )
-
-
-def _loss_after_step(problem: _Problem, chosen: _Backtracked) -> jax.Array:
-  """:math:`f(\\theta + d)` on the gradient batch (the walk has it if that is its batch)."""
-  if problem.batches.validation is problem.batches.gradient:
-    return chosen.validation_loss
-  return finite_or(problem.loss(chosen.direction, problem.batches.gradient), jnp.inf)
 
 
 # 8. Diagnostics and state.
