@@ -86,15 +86,16 @@ def main(argv: list[str]) -> None:
         initial_damping=damping,
         max_cg_steps=_MAX_CG_STEPS.value,
       )
+      # The batches are arguments, not constants: XLA would fold the K-FAC factors of a
+      # constant batch at compile time.
       update = jax.jit(
-        lambda g, s, p, tx=tx: tx.update(
-          g, s, p, batch=batch, curvature_batch=curvature_batch, loss=loss
-        )
+        lambda g, s, p, b, c, tx=tx: tx.update(g, s, p, batch=b, curvature_batch=c, loss=loss)
       )
       state = tx.init(params)
-      compiled = update.lower(grads, state, params).compile()
+      args = (grads, state, params, batch, curvature_batch)
+      compiled = update.lower(*args).compile()
       start = time.perf_counter()
-      _, state = jax.block_until_ready(compiled(grads, state, params))
+      _, state = jax.block_until_ready(compiled(*args))
       seconds = time.perf_counter() - start
       first = first or seconds
       info = state.info

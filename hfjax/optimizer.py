@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hfjax import curvature, sampling
+from hfjax import curvature, kfac, layers, sampling
 from hfjax._tree import all_finite, as_accumulation, finite_or
 from hfjax.preconditioners import LBFGSState, diagonal_preconditioner, lbfgs_init
 from hfjax.solvers import CGResult, CGStopReason, cg
 
-PreconditionerName = Literal["none", "martens", "jacobi", "lbfgs"]
+PreconditionerName = Literal["none", "martens", "jacobi", "lbfgs", "kfac", "kfac+lbfgs"]
 """The ``preconditioner`` option of :func:`hessian_free` (see ``_PRECONDITIONERS``)."""
 
 LBFGSPairs = Literal["within", "previous"]
@@ -70,8 +70,10 @@ class DampingConfig(NamedTuple):
   high: float = 0.75
   minimum: float = 1e-8
   maximum: float = 1e8
+  ratio: Literal["gradient", "martens"] = "gradient"
 
   def _check(self) -> None:
+    _check_choice("damping.ratio", self.ratio, ("gradient", "martens"))
     if not (self.increase > 1 and 0 < self.decrease < 1):
       raise ValueError(f"damping needs increase > 1 and 0 < decrease < 1, got {self}.")
     if not 0 < self.minimum <= self.maximum:
@@ -358,11 +360,14 @@ class _Preconditioning(NamedTuple):
     update_within: whether ``cg`` adds the solve's own pairs to an L-BFGS preconditioner as
       it goes (flexible PCG); ``False`` keeps it fixed for the solve.
     state: the option's own state for the next step (``HessianFreeState.preconditioner``).
+    initial: the initial matrix :math:`H_0` of an L-BFGS preconditioner as a callable
+      (``cg``'s ``initial_preconditioner``); ``None`` for :math:`\\gamma I`.
   """
 
   preconditioner: Any
   update_within: bool = True
   state: Any = None
+  initial: Callable[[Any], Any] | None = None
 
 
 def _gradient_sums(options: _Options, params: optax.Params, data: Any) -> tuple[Any, Any]:
@@ -407,6 +412,33 @@ def _lbfgs(options, problem, state) -> _Preconditioning:
   return _Preconditioning(lbfgs_init(problem.params, options.memory_size))
 
 
+def _kfac_inverse(options, problem) -> Callable[[Any], Any]:
+  """Martens & Grosse's (2015) Kronecker-factored inverse of :math:`G + \\lambda I`, its
+  factors sampled on the curvature batch (:func:`hfjax.kfac.kfac_factors`)."""
+  inputs, _ = curvature.split_batch(problem.batches.curvature)
+  layout = layers.find_dense_layers(options.apply_fn, problem.params, inputs)
+  factors = kfac.kfac_factors(
+    options.apply_fn,
+    options.loss_fn,
+    problem.params,
+    problem.batches.curvature,
+    problem.key,
+    layout=layout,
+    chunk_size=options.chunk_size,
+  )
+  return kfac.kfac_preconditioner(factors, problem.damping, layout)
+
+
+def _kfac(options, problem, state) -> _Preconditioning:
+  del state
+  return _Preconditioning(_kfac_inverse(options, problem))
+
+
+def _kfac_lbfgs(options, problem, state) -> _Preconditioning:
+  """Sainath et al.'s L-BFGS refining the K-FAC inverse, its initial matrix."""
+  return _lbfgs(options, problem, state)._replace(initial=_kfac_inverse(options, problem))
+
+
 def _no_state(options, params) -> None:
   del options, params
 
@@ -432,6 +464,8 @@ _PRECONDITIONERS: dict[str, _PreconditionerKind] = {
   "martens": _PreconditionerKind(_martens_diagonal),
   "jacobi": _PreconditionerKind(_jacobi_diagonal),
   "lbfgs": _PreconditionerKind(_lbfgs, lbfgs=True),
+  "kfac": _PreconditionerKind(_kfac),
+  "kfac+lbfgs": _PreconditionerKind(_kfac_lbfgs, lbfgs=True),
 }
 
 
@@ -453,6 +487,7 @@ def _solve(options, problem, preconditioning, warm_start) -> CGResult:
     max_steps=options.max_cg_steps,
     tol=options.cg_tol,
     update_preconditioner=preconditioning.update_within,
+    initial_preconditioner=preconditioning.initial,
     num_recorded=options.num_recorded_iterates,
   )
 
@@ -533,6 +568,24 @@ def _loss_after_step(problem: _Problem, chosen: _Backtracked) -> jax.Array:
 def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> jax.Array:
   """:math:`\\rho = (f(\\theta + d) - f(\\theta)) / q(d)`; ``-inf`` unless :math:`q(d) < 0`."""
   return jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
+
+
+def _step_ratio(options, problem, chosen: _Backtracked, f1: jax.Array) -> jax.Array:
+  """:math:`\\rho` of the chosen iterate by ``options.damping.ratio``.
+
+  ``"gradient"``: losses on the gradient batch over the damped model. ``"martens"`` (as in
+  Martens' code): losses on the validation batch (the curvature batch unless another is
+  given) over the undamped model :math:`g^\\top d + \\frac12 d^\\top G d`.
+  """
+  if options.damping.ratio == "gradient":
+    return _reduction_ratio(problem.loss_before, f1, chosen.model_value)
+  batches = problem.batches
+  f0 = problem.loss_before
+  if batches.validation is not batches.gradient:
+    f0 = problem.loss(optax.tree.zeros_like(chosen.direction), batches.validation)
+  norm2 = optax.tree.vdot(chosen.direction, chosen.direction).astype(f0.dtype)
+  undamped = chosen.model_value - 0.5 * problem.damping.astype(f0.dtype) * norm2
+  return _reduction_ratio(f0, chosen.validation_loss, undamped)
 
 
 # 5. Armijo line search along the chosen iterate.
@@ -821,7 +874,7 @@ def hessian_free(
     accepted = solved & sufficient & all_finite(chosen.direction)
 
     # 6. Levenberg-Marquardt damping; a rejected step counts as rho = -inf.
-    rho = jnp.where(accepted, _reduction_ratio(f0, f1, chosen.model_value), -jnp.inf)
+    rho = jnp.where(accepted, _step_ratio(options, problem, chosen, f1), -jnp.inf)
     damping = _adapt_damping(options.damping, problem.damping, rho)
 
     # 7. What the next step starts from: warm start, L-BFGS pairs and sample sizes.
