@@ -16,9 +16,16 @@ rounds, every function jitted and compiled before timing:
   ``jnp.linalg.inv`` and by ``eigh``, the choice behind :func:`hfjax.kfac.kfac_inverse`.
 
 Ratios are formed within each round and their median is printed with its range.
+
+Run it with ``OPENBLAS_NUM_THREADS=1`` on a shared or loaded machine: XLA's CPU Cholesky and
+triangular solves call SciPy's OpenBLAS, whose spinning threads made the inverse 10 to 100
+times slower at random there (a 1000 x 1000 Cholesky inverse: 33-37 ms single-threaded,
+33 ms to 1.8 s with the default threads, under a load of 10 on 2 cores).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +124,7 @@ def main(argv: list[str]) -> None:
   common.print_header(
     "bench_kfac: K-FAC rebuild and apply", {n: flags.FLAGS[n].value for n in names}
   )
+  print(f"# OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
   init_key, batch_key, vector_key, sample_key = jax.random.split(jax.random.key(_SEED.value), 4)
   params = MODEL.init(init_key, jnp.zeros((1, 784)))["params"]
   inputs = jax.random.uniform(batch_key, (_BATCH_SIZE.value, 784))
