@@ -231,7 +231,7 @@ def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
     memory_size=3,
   )
   state = tx.init(jnp.zeros(4))
-  keeps_pairs = preconditioner == "lbfgs" and lbfgs_pairs == "previous"
+  keeps_pairs = preconditioner in ("lbfgs", "kfac+lbfgs") and lbfgs_pairs == "previous"
   assert (state.lbfgs is not None) == keeps_pairs
   if keeps_pairs:
     assert state.lbfgs.s_memory.shape == (3, 4)
