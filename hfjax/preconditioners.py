@@ -1,7 +1,11 @@
 """Preconditioners for :func:`hfjax.cg`: L-BFGS (a pytree state) and diagonal ones.
 
 A preconditioner approximates :math:`(G + \\lambda I)^{-1}`. :func:`hfjax.cg` takes either a
-callable ``r -> z`` or an :class:`LBFGSState`.
+callable ``r -> z`` or an :class:`LBFGSState`, whose initial matrix may be a callable too.
+
+:mod:`hfjax` exports the L-BFGS state and :func:`lbfgs_init`, :func:`lbfgs_update`,
+:func:`lbfgs_apply`; the rest (projections, pair storage without products, the memory
+:func:`hfjax.cg` carries through a solve) is internal to the library and used from here.
 """
 
 from __future__ import annotations
@@ -186,21 +190,22 @@ def _times_initial(initial: Callable[[Any], Any], v: Any) -> Any:
   return optax.tree.cast_like(initial(v), v)
 
 
-def _initial_times_y(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -> Any:
-  """:math:`H_0 y_j` for every stored slot (zeros in an empty one), one slot at a time.
+def _map_stored(fn: Callable[[Any], Any], state: LBFGSState, memory: Any) -> Any:
+  """``fn`` of every slot of ``memory`` that holds a pair, zeros for an empty slot.
 
-  Each :math:`y_j` is shaped like ``like`` for ``initial``, whatever the memory's layout.
+  One slot at a time, skipping empty ones: nothing to do for an empty memory, and no
+  product of two stacked memories, which XLA's CPU backend runs slower than ``m``
+  matrix-vector products.
   """
 
   def one(slot_and_stored):
-    y, stored = slot_and_stored
-    shaped = jax.tree.map(lambda x, v: x.reshape(jnp.shape(v)), y, like)
-    h0_y = jax.lax.cond(
-      stored, functools.partial(_times_initial, initial), optax.tree.zeros_like, shaped
+    slot, stored = slot_and_stored
+    empty = lambda x: jax.tree.map(
+      lambda out: jnp.zeros(out.shape, out.dtype), jax.eval_shape(fn, x)
     )
-    return jax.tree.map(lambda h, x: h.reshape(x.shape), h0_y, y)
+    return jax.lax.cond(stored, fn, empty, slot)
 
-  return jax.lax.map(one, (state.y_memory, jnp.diagonal(state.sy_products) > 0))
+  return jax.lax.map(one, (memory, jnp.diagonal(state.sy_products) > 0))
 
 
 def _with_initial(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -> LBFGSState:
@@ -208,17 +213,24 @@ def _with_initial(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -
 
   :math:`H = H_0 + [S, H_0 Y]\\, W\\, [S, H_0 Y]^\\top` needs :math:`H_0 Y`, never
   :math:`Y` itself: the returned state holds :math:`H_0 y_j` in ``y_memory`` and
-  :math:`y_i^\\top H_0 y_j` in ``yy_products``, at the cost of one :math:`H_0` product per
-  slot. Its :func:`lbfgs_project` gives :math:`Y^\\top H_0 v`.
+  :math:`y_i^\\top H_0 y_j` in ``yy_products``, at the cost of one :math:`H_0` product and
+  one pass over the memory per stored pair. Its :func:`lbfgs_project` gives
+  :math:`Y^\\top H_0 v`.
   """
   if state.initial_diagonal is not None:
     raise ValueError(
       "an L-BFGS state with an initial_diagonal takes no callable initial matrix as well; "
       "give one of them."
     )
-  h0_y = _initial_times_y(state, initial, like)
-  yy = _inner_products(state.y_memory, h0_y).astype(state.yy_products.dtype)
-  return state._replace(y_memory=h0_y, yy_products=yy)
+
+  def column(y):
+    # Each y_j is shaped like ``like`` for ``initial``, whatever the memory's layout.
+    shaped = jax.tree.map(lambda x, v: x.reshape(jnp.shape(v)), y, like)
+    h0_y = jax.tree.map(lambda h, x: h.reshape(x.shape), _times_initial(initial, shaped), y)
+    return h0_y, _project(state.y_memory, h0_y)
+
+  h0_y, yy = _map_stored(column, state, state.y_memory)
+  return state._replace(y_memory=h0_y, yy_products=yy.T.astype(state.yy_products.dtype))
 
 
 class _Pair(NamedTuple):
@@ -570,7 +582,8 @@ def lbfgs_in_solve_finish(solve: LBFGSInSolve, like: Any) -> LBFGSState:
   memory = solve.memory
   if solve.y_memory is not None:
     # Back from H0 y to y: the next solve may start from another H0, or from gamma I.
-    yy = _inner_products(solve.y_memory, solve.y_memory).astype(memory.yy_products.dtype)
+    yy = _map_stored(functools.partial(_project, solve.y_memory), memory, solve.y_memory)
+    yy = yy.T.astype(memory.yy_products.dtype)
     memory = memory._replace(y_memory=solve.y_memory, yy_products=yy)
   return unflatten_memory(memory, like)
 
