@@ -103,6 +103,12 @@ def define_flags() -> None:
     "hf_gradient_batch", 0, "HF gradient batch size; 0 for the whole training set."
   )
   flags.DEFINE_integer("hf_curvature_batch", 1000, "HF curvature batch size.")
+  flags.DEFINE_integer(
+    "hf_validation_batch",
+    0,
+    "HF validation batch size: a separate draw for CG backtracking and rho; 0 for none "
+    "(the curvature batch serves).",
+  )
   flags.DEFINE_string(
     "hf_options", "{}", "JSON object of further keyword arguments to hfjax.hessian_free."
   )
@@ -345,6 +351,7 @@ def run_hf(
   curvature_batch: int,
   seed: int,
   times: Sequence[float],
+  validation_batch: int = 0,
 ) -> list[dict[str, Any]]:
   """Trains with :func:`hfjax.hessian_free`; one jitted program per outer step."""
   num_train = problem.train.shape[0]
@@ -352,10 +359,14 @@ def run_hf(
   tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
   value_and_grad = jax.value_and_grad(batch_loss(problem))
 
-  def train_step(params, state, total_cg_steps, indices, curvature_indices):
+  def train_step(params, state, total_cg_steps, indices, curvature_indices, *validation):
     images = problem.train[indices]
     curvature_images = problem.train[curvature_indices]
     loss, grads = value_and_grad(params, images)
+    held_out = {}
+    if validation:
+      validation_images = problem.train[validation[0]]
+      held_out["validation_batch"] = (validation_images, validation_images)
     updates, state = tx.update(
       grads,
       state,
@@ -363,6 +374,7 @@ def run_hf(
       batch=(images, images),
       curvature_batch=(curvature_images, curvature_images),
       loss=loss,
+      **held_out,
     )
     total_cg_steps = total_cg_steps + optax.tree.get(state, "cg_steps")
     return optax.apply_updates(params, updates), state, total_cg_steps
@@ -370,7 +382,12 @@ def run_hf(
   sampler = index_sampler(problem, seed)
   params = jax.tree.map(jnp.copy, problem.params)
   carry = (params, tx.init(params), jnp.zeros((), jnp.int32))
-  example = sampler.sample_pair(gradient_batch, curvature_batch)
+
+  def draw():
+    indices = sampler.sample_pair(gradient_batch, curvature_batch)
+    return indices + ((sampler.sample(validation_batch),) if validation_batch else ())
+
+  example = draw()
   compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*carry, *example).compile()
 
   def diagnostics(carry):
@@ -384,7 +401,7 @@ def run_hf(
 
   return run_timed(
     "hf",
-    lambda carry: compiled(*carry, *sampler.sample_pair(gradient_batch, curvature_batch)),
+    lambda carry: compiled(*carry, *draw()),
     carry,
     params_of=lambda carry: carry[0],
     evaluate=make_evaluate(problem),
@@ -532,6 +549,7 @@ def main(argv: Sequence[str]) -> None:
         options,
         gradient_batch=FLAGS.hf_gradient_batch,
         curvature_batch=FLAGS.hf_curvature_batch,
+        validation_batch=FLAGS.hf_validation_batch,
         seed=FLAGS.seed,
         times=times,
       )

@@ -1,6 +1,6 @@
 """hfjax: Hessian-free (truncated Gauss-Newton) optimization for JAX and Optax."""
 
-from hfjax import sharding
+from hfjax import kfac, layers, sharding
 from hfjax.curvature import (
   gauss_newton_diagonal_estimate,
   gauss_newton_matvec,
@@ -12,7 +12,10 @@ from hfjax.optimizer import (
   DampingConfig,
   HessianFreeInfo,
   HessianFreeState,
+  KFACConfig,
+  LBFGSPairs,
   LineSearchConfig,
+  PreconditionerName,
   hessian_free,
 )
 from hfjax.preconditioners import (
@@ -40,6 +43,9 @@ __all__ = (
   "DampingConfig",
   "HessianFreeInfo",
   "HessianFreeState",
+  "KFACConfig",
+  "LBFGSPairs",
+  "PreconditionerName",
   "LineSearchConfig",
   "SampleSchedule",
   "SamplingState",
@@ -61,6 +67,8 @@ __all__ = (
   "lbfgs_update",
   "martens_record_steps",
   "per_example_sum",
+  "kfac",
+  "layers",
   "sharding",
   "squared_gradient_sum",
 )

@@ -711,3 +711,131 @@ def kfac_preconditioner(
   """
   inverse = kfac_inverse(factors, damping, diagonal_exponent=diagonal_exponent)
   return functools.partial(kfac_apply, inverse, layout=layout)
+
+
+# --- Running state, laid out by parameter leaf ------------------------------------------------
+
+
+class KFACState(NamedTuple):
+  """K-FAC factors and their damped inverses kept between solves, laid out by parameter leaf.
+
+  An optimizer's ``init`` sees only the parameters, not the inputs that
+  :func:`hfjax.layers.find_dense_layers` traces, so the state does not depend on the layout:
+  each 2-D leaf of shape ``(m, n)`` owns one square slot per axis, ``(m + 1, m + 1)`` and
+  ``(n + 1, n + 1)`` (room for the homogeneous coordinate of a bias), and every leaf owns a
+  diagonal shaped like itself. A layer's :math:`A` fills the slot of its kernel's input axis
+  and :math:`G` the other one (top-left corner; the rest stays zero); a leaf in no layer uses
+  its diagonal.
+
+  Attributes:
+    factors: per leaf, ``(slot of axis 0, slot of axis 1)`` for a 2-D leaf, ``()`` otherwise.
+    diagonal: per leaf, its Gauss-Newton diagonal estimate (used for unmatched leaves).
+    inverse_factors: like ``factors``, the damped inverses of the last refresh.
+    inverse_diagonal: like ``diagonal``, the damped inverse of the last refresh.
+    count: estimates averaged into ``factors``, int32 (0 before the first).
+  """
+
+  factors: tuple
+  diagonal: tuple
+  inverse_factors: tuple
+  inverse_diagonal: tuple
+  count: jax.Array
+
+
+def kfac_state_init(params: optax.Params) -> KFACState:
+  """Zero :class:`KFACState` for ``params`` (no estimate yet)."""
+
+  def slots(leaf):
+    if jnp.ndim(leaf) != 2:
+      return ()
+    dtype = accumulation_dtype(jnp.result_type(leaf))
+    return tuple(jnp.zeros((d + 1, d + 1), dtype) for d in jnp.shape(leaf))
+
+  leaves = jax.tree.leaves(params)
+  factors = tuple(slots(leaf) for leaf in leaves)
+  diagonal = tuple(
+    jnp.zeros(jnp.shape(leaf), accumulation_dtype(jnp.result_type(leaf))) for leaf in leaves
+  )
+  return KFACState(
+    factors=factors,
+    diagonal=diagonal,
+    inverse_factors=jax.tree.map(jnp.zeros_like, factors),
+    inverse_diagonal=jax.tree.map(jnp.zeros_like, diagonal),
+    count=jnp.zeros((), jnp.int32),
+  )
+
+
+def _slot_axes(layer: layers_lib.DenseLayer) -> tuple[int, int]:
+  """The kernel axes whose slots hold :math:`A` and :math:`G`."""
+  return layer.kernel_in_axis, 1 - layer.kernel_in_axis
+
+
+def _gather(
+  factors: tuple, diagonal: tuple, layout: layers_lib.LayerLayout
+) -> tuple[tuple, tuple, tuple]:
+  """Per-layer ``(A's, G's, diagonals)`` of ``layout`` read from leaf slots."""
+  a_blocks, g_blocks = [], []
+  for layer in layout.layers:
+    axis_a, axis_g = _slot_axes(layer)
+    slots = factors[layer.kernel]
+    dim_a = slots[axis_a].shape[0] - (layer.bias is None)
+    dim_g = slots[axis_g].shape[0] - 1
+    a_blocks.append(slots[axis_a][:dim_a, :dim_a])
+    g_blocks.append(slots[axis_g][:dim_g, :dim_g])
+  return tuple(a_blocks), tuple(g_blocks), tuple(diagonal[i] for i in layout.unmatched)
+
+
+def _scatter(
+  like: tuple,
+  like_diagonal: tuple,
+  a_blocks: tuple,
+  g_blocks: tuple,
+  diagonals: tuple,
+  layout: layers_lib.LayerLayout,
+) -> tuple[tuple, tuple]:
+  """Leaf slots like ``like`` holding per-layer blocks; the inverse of :func:`_gather`."""
+  factors = [list(slots) for slots in like]
+  for layer, a, g in zip(layout.layers, a_blocks, g_blocks, strict=True):
+    axis_a, axis_g = _slot_axes(layer)
+    slots = factors[layer.kernel]
+    slots[axis_a] = jnp.zeros_like(slots[axis_a]).at[: a.shape[0], : a.shape[1]].set(a)
+    slots[axis_g] = jnp.zeros_like(slots[axis_g]).at[: g.shape[0], : g.shape[1]].set(g)
+  diagonal = list(like_diagonal)
+  for i, d in zip(layout.unmatched, diagonals, strict=True):
+    diagonal[i] = d.astype(like_diagonal[i].dtype)
+  return tuple(tuple(slots) for slots in factors), tuple(diagonal)
+
+
+def kfac_state_update(
+  state: KFACState,
+  new: KFACFactors,
+  damping: float | jax.Array,
+  layout: layers_lib.LayerLayout,
+  *,
+  decay: float = 0.0,
+  diagonal_exponent: float = 1.0,
+) -> KFACState:
+  """Averages a fresh estimate into ``state`` and recomputes the damped inverses.
+
+  The factors become ``decay * old + (1 - decay) * new`` (``new`` alone for the first
+  estimate, see :func:`kfac_update_factors`); a non-finite estimate leaves the state as it
+  was, so one bad batch never spoils the running factors.
+  """
+  a_old, g_old, d_old = _gather(state.factors, state.diagonal, layout)
+  old = KFACFactors(a_old, g_old, d_old, state.count)
+  averaged = kfac_update_factors(old, new, decay)
+  inverse = kfac_inverse(averaged, damping, diagonal_exponent=diagonal_exponent)
+  factors, diagonal = _scatter(state.factors, state.diagonal, *averaged[:3], layout)
+  inverse_factors, inverse_diagonal = _scatter(
+    state.inverse_factors, state.inverse_diagonal, *inverse, layout
+  )
+  updated = KFACState(factors, diagonal, inverse_factors, inverse_diagonal, averaged.count)
+  return optax.tree.where(all_finite(new), updated, state)
+
+
+def kfac_state_preconditioner(
+  state: KFACState, layout: layers_lib.LayerLayout
+) -> Callable[[Any], Any]:
+  """The preconditioner ``r -> z`` of the inverses held in ``state`` (see :func:`kfac_apply`)."""
+  a_inv, g_inv, d_inv = _gather(state.inverse_factors, state.inverse_diagonal, layout)
+  return functools.partial(kfac_apply, KFACInverse(a_inv, g_inv, d_inv), layout=layout)

@@ -100,7 +100,33 @@ class LineSearchConfig(NamedTuple):
     _positive_int("line_search.max_steps", self.max_steps)
 
 
-def _config(name: str, value: Any, kind: type[DampingConfig] | type[LineSearchConfig]) -> Any:
+class KFACConfig(NamedTuple):
+  """The Kronecker-factored curvature of ``preconditioner="kfac"`` and ``"kfac+lbfgs"``.
+
+  See :mod:`hfjax.kfac` for the model. Its factors are sampled on the curvature batch.
+
+  Attributes:
+    update_every: refresh the factors and their damped inverses every this many outer steps
+      (each refresh uses the damping of its step); 1 rebuilds them for every solve.
+    decay: weight of the old factors in their exponential moving average; 0 replaces them
+      at each refresh.
+    loss: the output loss whose curvature the sampled cotangents follow: ``"auto"`` probes
+      ``loss_fn`` (:func:`hfjax.kfac.detect_output_loss`), or one of
+      ``hfjax.kfac.LOSS_KINDS``.
+  """
+
+  update_every: int = 1
+  decay: float = 0.0
+  loss: str = "auto"
+
+  def _check(self) -> None:
+    _positive_int("kfac.update_every", self.update_every)
+    if not 0 <= self.decay < 1:
+      raise ValueError(f"kfac.decay must be in [0, 1), got {self.decay!r}.")
+    _check_choice("kfac.loss", self.loss, ("auto", *kfac.LOSS_KINDS))
+
+
+def _config(name: str, value: Any, kind: type) -> Any:
   """``value`` checked as a ``kind``; ``None`` gives ``kind``'s defaults."""
   if value is None:
     return kind()
@@ -186,9 +212,9 @@ class HessianFreeState(NamedTuple):
     sampling: sample sizes for the next step (:class:`hfjax.SamplingState`); ``None`` when
       neither ``gradient_schedule`` nor ``curvature_schedule`` was given.
     info: diagnostics of the last step (:class:`HessianFreeInfo`).
-    preconditioner: the preconditioner's own state carried between steps; ``None`` for those
-      that keep none (all of ``"none"``, ``"martens"``, ``"jacobi"`` and ``"lbfgs"``, whose
-      pairs are ``lbfgs``).
+    preconditioner: the preconditioner's own state carried between steps: the running
+      :class:`hfjax.kfac.KFACState` of ``"kfac"`` and ``"kfac+lbfgs"``; ``None`` for the
+      others (``"lbfgs"`` keeps its pairs in ``lbfgs``).
   """
 
   count: jax.Array
@@ -214,6 +240,7 @@ class _Options(NamedTuple):
   initial_damping: float
   damping: DampingConfig
   line_search: LineSearchConfig
+  kfac: KFACConfig
   warm_start_decay: float
   num_recorded_iterates: int | None
   gradient_schedule: sampling.SampleSchedule
@@ -412,31 +439,49 @@ def _lbfgs(options, problem, state) -> _Preconditioning:
   return _Preconditioning(lbfgs_init(problem.params, options.memory_size))
 
 
-def _kfac_inverse(options, problem) -> Callable[[Any], Any]:
-  """Martens & Grosse's (2015) Kronecker-factored inverse of :math:`G + \\lambda I`, its
-  factors sampled on the curvature batch (:func:`hfjax.kfac.kfac_factors`)."""
+def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.LayerLayout]:
+  """Martens & Grosse's (2015) Kronecker factors of :math:`G`, sampled on the curvature
+  batch and averaged into ``state.preconditioner`` every ``options.kfac.update_every``
+  steps (always while it holds no estimate), with their inverses damped by this step's
+  :math:`\\lambda`."""
   inputs, _ = curvature.split_batch(problem.batches.curvature)
   layout = layers.find_dense_layers(options.apply_fn, problem.params, inputs)
-  factors = kfac.kfac_factors(
-    options.apply_fn,
-    options.loss_fn,
-    problem.params,
-    problem.batches.curvature,
-    problem.key,
-    layout=layout,
-    chunk_size=options.chunk_size,
-  )
-  return kfac.kfac_preconditioner(factors, problem.damping, layout)
+
+  def refresh(running: kfac.KFACState) -> kfac.KFACState:
+    new = kfac.kfac_factors(
+      options.apply_fn,
+      options.loss_fn,
+      problem.params,
+      problem.batches.curvature,
+      problem.key,
+      layout=layout,
+      loss=options.kfac.loss,
+      chunk_size=options.chunk_size,
+    )
+    return kfac.kfac_state_update(running, new, problem.damping, layout, decay=options.kfac.decay)
+
+  running = state.preconditioner
+  if options.kfac.update_every == 1:
+    return refresh(running), layout
+  due = (state.count % options.kfac.update_every == 0) | (running.count == 0)
+  return jax.lax.cond(due, refresh, lambda r: r, running), layout
 
 
 def _kfac(options, problem, state) -> _Preconditioning:
-  del state
-  return _Preconditioning(_kfac_inverse(options, problem))
+  running, layout = _kfac_running(options, problem, state)
+  return _Preconditioning(kfac.kfac_state_preconditioner(running, layout), state=running)
 
 
 def _kfac_lbfgs(options, problem, state) -> _Preconditioning:
   """Sainath et al.'s L-BFGS refining the K-FAC inverse, its initial matrix."""
-  return _lbfgs(options, problem, state)._replace(initial=_kfac_inverse(options, problem))
+  running, layout = _kfac_running(options, problem, state)
+  initial = kfac.kfac_state_preconditioner(running, layout)
+  return _lbfgs(options, problem, state)._replace(initial=initial, state=running)
+
+
+def _kfac_init(options, params) -> kfac.KFACState:
+  del options
+  return kfac.kfac_state_init(params)
 
 
 def _no_state(options, params) -> None:
@@ -464,8 +509,8 @@ _PRECONDITIONERS: dict[str, _PreconditionerKind] = {
   "martens": _PreconditionerKind(_martens_diagonal),
   "jacobi": _PreconditionerKind(_jacobi_diagonal),
   "lbfgs": _PreconditionerKind(_lbfgs, lbfgs=True),
-  "kfac": _PreconditionerKind(_kfac),
-  "kfac+lbfgs": _PreconditionerKind(_kfac_lbfgs, lbfgs=True),
+  "kfac": _PreconditionerKind(_kfac, init=_kfac_init),
+  "kfac+lbfgs": _PreconditionerKind(_kfac_lbfgs, init=_kfac_init, lbfgs=True),
 }
 
 
@@ -732,6 +777,7 @@ def hessian_free(
   initial_damping: float = 45.0,
   damping: DampingConfig | None = None,
   line_search: LineSearchConfig | None = None,
+  kfac: KFACConfig | None = None,
   warm_start_decay: float = 0.95,
   num_recorded_iterates: int | None = None,
   gradient_schedule: sampling.SampleSchedule | None = None,
@@ -770,8 +816,10 @@ def hessian_free(
     loss_fn: ``loss_fn(outputs, targets) -> scalar`` batch mean (a matching loss keeps
       :math:`G` positive semidefinite).
     preconditioner: ``"none"``, ``"martens"`` (Martens' empirical-Fisher diagonal),
-      ``"jacobi"`` (Chapelle & Erhan's estimate of :math:`\\operatorname{diag}(G)`) or
-      ``"lbfgs"``.
+      ``"jacobi"`` (Chapelle & Erhan's estimate of :math:`\\operatorname{diag}(G)`),
+      ``"lbfgs"``, ``"kfac"`` (Kronecker-factored blocks of :math:`G` per dense layer, found
+      by tracing ``apply_fn``; :mod:`hfjax.kfac`) or ``"kfac+lbfgs"`` (the K-FAC inverse as
+      the initial matrix of the L-BFGS preconditioner).
     memory_size: L-BFGS pairs kept.
     lbfgs_pairs: ``"within"`` or ``"previous"`` (see above).
     max_cg_steps: CG step cap (250 in Martens 2010).
@@ -779,6 +827,8 @@ def hessian_free(
     initial_damping: the first :math:`\\lambda` (45 in Martens' code).
     damping: the damping rule; ``None`` for the :class:`DampingConfig` defaults.
     line_search: the Armijo line search; ``None`` for the :class:`LineSearchConfig` defaults.
+    kfac: the K-FAC preconditioner's refresh period, moving average and output loss;
+      ``None`` for the :class:`KFACConfig` defaults.
     warm_start_decay: the next CG starts from this times the last solution (0.95).
     num_recorded_iterates: CG iterates kept for backtracking; ``None`` keeps all
       :math:`\\lceil 1.3^j \\rceil` ones. Fewer saves memory on large models.
@@ -826,6 +876,7 @@ def hessian_free(
     initial_damping=initial_damping,
     damping=_config("damping", damping, DampingConfig),
     line_search=_config("line_search", line_search, LineSearchConfig),
+    kfac=_config("kfac", kfac, KFACConfig),
     warm_start_decay=warm_start_decay,
     num_recorded_iterates=num_recorded_iterates,
     gradient_schedule=_schedule("gradient_schedule", gradient_schedule),

@@ -3,6 +3,7 @@
 import functools
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -487,3 +488,59 @@ def test_models_without_dense_layers_or_with_tree_outputs_raise():
     kfac.kfac_factors(
       tree_apply, lambda o, t: models.squared_error(o["y"], t), params, batch, jax.random.key(0)
     )
+
+
+# --- Running state laid out by leaf -------------------------------------------------------
+
+
+def _mixed_model():
+  """A dense layer, a transposed dense layer without bias, and an unmatched scale."""
+
+  def apply_fn(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"]) * p["scale"]
+    return h @ p["w2"].T
+
+  params = {
+    "w1": jax.random.normal(jax.random.key(0), (5, 4)),
+    "b1": jnp.zeros(4),
+    "scale": jnp.ones(4),
+    "w2": jax.random.normal(jax.random.key(1), (3, 4)),
+  }
+  return apply_fn, params
+
+
+def test_state_preconditioner_matches_averaged_factors():
+  apply_fn, params = _mixed_model()
+  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  x = jax.random.normal(jax.random.key(2), (64, 5))
+  y = jax.random.normal(jax.random.key(3), (64, 3))
+  layout = layers.find_dense_layers(apply_fn, params, x)
+  with pytest.warns(UserWarning, match="scale"):
+    first = kfac.kfac_factors(apply_fn, loss_fn, params, (x, y), jax.random.key(4), layout=layout)
+    second = kfac.kfac_factors(apply_fn, loss_fn, params, (x, y), jax.random.key(5), layout=layout)
+  state = kfac.kfac_state_init(params)
+  state = kfac.kfac_state_update(state, first, 0.3, layout, decay=0.8)
+  state = kfac.kfac_state_update(state, second, 0.3, layout, decay=0.8)
+  assert int(state.count) == 2
+  # Reference: the layout-form moving average, then its preconditioner.
+  averaged = kfac.kfac_update_factors(
+    kfac.kfac_update_factors(kfac.kfac_init(params, layout), first, 0.8), second, 0.8
+  )
+  expected = kfac.kfac_preconditioner(averaged, 0.3, layout)
+  v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(6), p.shape), params)
+  chex.assert_trees_all_close(
+    kfac.kfac_state_preconditioner(state, layout)(v), expected(v), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_state_update_ignores_non_finite_estimates():
+  apply_fn, params = _mixed_model()
+  x = jnp.ones((8, 5))
+  layout = layers.find_dense_layers(apply_fn, params, x)
+  state = kfac.kfac_state_init(params)
+  bad = kfac.kfac_init(params, layout)
+  bad = bad._replace(
+    a_factors=tuple(a + jnp.nan for a in bad.a_factors), count=jnp.ones((), jnp.int32)
+  )
+  after = kfac.kfac_state_update(state, bad, 1.0, layout)
+  chex.assert_trees_all_equal(after, state)

@@ -6,6 +6,7 @@ import typing
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import hfjax
@@ -235,4 +236,45 @@ def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
   assert (state.lbfgs is not None) == keeps_pairs
   if keeps_pairs:
     assert state.lbfgs.s_memory.shape == (3, 4)
-  assert state.preconditioner is None
+  if preconditioner.startswith("kfac"):
+    assert isinstance(state.preconditioner, hfjax.kfac.KFACState)
+    assert int(state.preconditioner.count) == 0
+  else:
+    assert state.preconditioner is None
+
+
+@pytest.mark.parametrize("preconditioner", ["kfac", "kfac+lbfgs"])
+def test_kfac_factors_refresh_every_k_steps(preconditioner):
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+
+  params = {
+    "w": jax.random.normal(jax.random.key(0), (3, 4)),
+    "b": jnp.zeros(4),
+    "v": jax.random.normal(jax.random.key(1), (4, 2)),
+  }
+  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  x = jax.random.normal(jax.random.key(2), (32, 3))
+  y = jax.random.normal(jax.random.key(3), (32, 2))
+  tx = hfjax.hessian_free(
+    apply_fn,
+    loss_fn,
+    preconditioner=preconditioner,
+    kfac=hfjax.KFACConfig(update_every=3, decay=0.5),
+    initial_damping=1.0,
+  )
+  state = tx.init(params)
+  step = jax.jit(
+    lambda g, s, p: tx.update(g, s, p, batch=(x, y)),
+  )
+  counts, slots = [], []
+  for _ in range(7):
+    grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    counts.append(int(state.preconditioner.count))
+    slots.append(np.asarray(state.preconditioner.factors[2][1]))  # G of the first layer
+  # Refreshed at steps 0, 3 and 6 only; between refreshes the factors stay put.
+  assert counts == [1, 1, 1, 2, 2, 2, 3]
+  np.testing.assert_array_equal(slots[0], slots[2])
+  assert not np.array_equal(slots[2], slots[3])
