@@ -443,8 +443,9 @@ def _unmatched_diagonal(
 
 
 def _warn_unmatched(layout: layers_lib.LayerLayout) -> None:
+  which = "some parameters" if layout.layers else "any parameter (no dense layer in apply_fn)"
   warnings.warn(
-    "K-FAC found no dense layer for some parameters; they get a diagonal (Monte-Carlo "
+    f"K-FAC found no dense layer for {which}; they get a diagonal (Monte-Carlo "
     "Gauss-Newton) preconditioner instead: " + "; ".join(layout.reasons),
     stacklevel=3,
   )
@@ -484,23 +485,19 @@ def kfac_factors(
     :class:`KFACFactors` with ``count == 1``, in the accumulation dtype of the parameters.
 
   Raises:
-    ValueError: if ``apply_fn`` has no dense layer, or the loss does not match a kind.
+    ValueError: if the loss does not match a kind.
     TypeError: if the outputs are not a single array.
 
   Warns:
-    UserWarning: naming the leaves that fall back to the diagonal, and why.
+    UserWarning: naming the leaves that fall back to the diagonal, and why (all of them when
+    ``apply_fn`` has no dense layer: the preconditioner is then a diagonal, never the
+    identity).
   """
   check_params(params)
   num_examples = batch_size(batch)
   inputs, targets = split_batch(batch)
   if layout is None:
     layout = layers_lib.find_dense_layers(apply_fn, params, inputs)
-  if not layout.layers:
-    raise ValueError(
-      "K-FAC found no dense layer in apply_fn (a dot_general with a 2-D parameter leaf), so "
-      "it has nothing to factor; use preconditioner='martens', 'jacobi' or 'lbfgs'. "
-      f"Leaves: {'; '.join(layout.reasons)}"
-    )
   outputs, activations, backward = layers_lib.layer_statistics(apply_fn, params, inputs, layout)
   if not isinstance(outputs, jax.Array):
     raise TypeError(
