@@ -22,6 +22,7 @@ import pathlib
 
 import ml_collections
 
+import hfjax
 from hfjax.experiments import models
 
 OPTIMIZERS = ("hf", "adam", "sgd", "lbfgs")
@@ -85,13 +86,18 @@ def default_config() -> ml_collections.ConfigDict:
   opt = config.optimizer = ml_collections.ConfigDict()
   opt.name = "hf"  # "hf", "adam", "sgd" or "lbfgs"
   # Hessian-free (hfjax.hessian_free).
-  opt.preconditioner = "lbfgs"  # "none", "martens", "jacobi" or "lbfgs"
+  opt.preconditioner = "lbfgs"  # "none", "martens", "jacobi", "lbfgs", "kfac" or "kfac+lbfgs"
   opt.memory_size = 10  # L-BFGS pairs (also optax.lbfgs's memory)
   opt.lbfgs_pairs = "within"  # "within" the solve or from the "previous" solve
   opt.max_cg_steps = 250
   opt.initial_damping = 45.0
   opt.cg_tol = 5e-4
   opt.num_recorded_iterates = 0  # CG iterates kept for backtracking; 0: all
+  # The library's own defaults, so the two never drift apart: the damping rule
+  # (hfjax.DampingConfig; ratio "martens": rho on the curvature batch over the undamped model)
+  # and K-FAC's refresh period, moving average and output loss (hfjax.KFACConfig).
+  opt.damping = ml_collections.ConfigDict(hfjax.DampingConfig()._asdict())
+  opt.kfac = ml_collections.ConfigDict(hfjax.KFACConfig()._asdict())
   opt.gradient_schedule = schedule_config()
   opt.curvature_schedule = schedule_config(start=200)
   # Optax peers.
@@ -142,6 +148,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   )
   require(
     config.model.kind in MODELS, f"config.model.kind={config.model.kind!r}; choose one of {MODELS}."
+  )
+  # K-FAC finds its layers as 2-D parameter leaves; in one flat vector there are none, and
+  # the preconditioner would quietly become a diagonal.
+  kfac = config.optimizer.name == "hf" and config.optimizer.preconditioner.startswith("kfac")
+  require(
+    not (kfac and config.flatten_params),
+    f"config.optimizer.preconditioner={config.optimizer.preconditioner!r} needs the model's "
+    "dense layers as parameter leaves: set --config.flatten_params=False.",
   )
 
 

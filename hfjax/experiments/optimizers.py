@@ -38,9 +38,10 @@ HF_INFO = (
   "backtracking_evaluations",
   "line_search_evaluations",
 )
-# Per-example passes of each preconditioner on the curvature sample: Martens' diagonal needs
-# one gradient per example, the Jacobi estimate one more forward-mode pass.
-_PRECONDITIONER_PASSES = {"martens": 2, "jacobi": 3}
+# Passes of each preconditioner per curvature example: Martens' diagonal needs one gradient
+# per example, the Jacobi estimate one more forward-mode pass; a K-FAC refresh is one batched
+# forward and one backward pass of sampled cotangents (counted on the steps that refresh).
+_PRECONDITIONER_PASSES = {"martens": 2, "jacobi": 3, "kfac": 2, "kfac+lbfgs": 2}
 
 
 class AheadOfTime:
@@ -87,13 +88,23 @@ def sample_schedule(
   return hfjax.variance_test_schedule(start, maximum, cfg.theta, cfg.grid_ratio)
 
 
-def _hf_examples(info: Mapping[str, Any], preconditioner: str, variance_test: bool) -> int:
+def _hf_examples(
+  info: Mapping[str, Any],
+  preconditioner: str,
+  variance_test: bool,
+  *,
+  built: bool = True,
+  martens_ratio: bool = False,
+) -> int:
   """Example-passes of one HF step, from its diagnostics (see :mod:`hfjax.experiments.train`).
 
   The trainer passes a curvature batch and no validation batch, so CG backtracking walks the
   recorded iterates on the curvature sample and then evaluates the chosen one on the
   gradient sample (``backtracking_evaluations`` counts both); the line search's further
-  trials are on the gradient sample too.
+  trials are on the gradient sample too. ``built``: whether the preconditioner's passes were
+  spent this step (K-FAC refreshes every ``kfac.update_every`` steps); ``martens_ratio``:
+  :math:`\\rho` by ``damping.ratio="martens"``, which evaluates the loss at the incoming
+  parameters on the curvature sample too.
   """
   n_g, n_c = int(info["gradient_batch_size"]), int(info["curvature_batch_size"])
   gradient = 2 * n_g
@@ -101,7 +112,10 @@ def _hf_examples(info: Mapping[str, Any], preconditioner: str, variance_test: bo
   walk = (int(info["backtracking_evaluations"]) - 1) * n_c
   chosen_and_search = (1 + int(info["line_search_evaluations"])) * n_g
   total = gradient + products + walk + chosen_and_search
-  total += _PRECONDITIONER_PASSES.get(preconditioner, 0) * n_c
+  if built:
+    total += _PRECONDITIONER_PASSES.get(preconditioner, 0) * n_c
+  if martens_ratio:
+    total += n_c
   if variance_test:
     total += 2 * n_g
   return total
@@ -128,6 +142,8 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
     cg_tol=opt.cg_tol,
     initial_damping=opt.initial_damping,
     num_recorded_iterates=opt.num_recorded_iterates or None,
+    damping=hfjax.DampingConfig(**opt.damping),
+    kfac=hfjax.KFACConfig(**opt.kfac),
     gradient_schedule=gradient,
     curvature_schedule=curvature,
     seed=config.seed,
@@ -143,15 +159,21 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
 
   compiled = AheadOfTime(step)
   variance_test = gradient.kind == "variance"
+  martens_ratio = opt.damping.ratio == "martens"
+  # Only K-FAC's build can skip a step; every other preconditioner is built for each solve.
+  build_every = opt.kfac.update_every if opt.preconditioner.startswith("kfac") else 1
 
   def run(params, state, place):
     sizes = hfjax.sample_sizes(state)
+    built = int(state.count) % build_every == 0
     batch, curvature_batch = place(sampler.sample_pair(*sizes))
     params, state = compiled(params, state, batch, curvature_batch)
     info = jax.device_get({k: optax.tree.get(state, k) for k in HF_INFO})
     record = {k: v.item() for k, v in info.items()}
     record["train_loss"] = record.pop("loss_before")
-    record["examples"] = _hf_examples(record, opt.preconditioner, variance_test)
+    record["examples"] = _hf_examples(
+      record, opt.preconditioner, variance_test, built=built, martens_ratio=martens_ratio
+    )
     return params, state, record
 
   return tx.init(task.params), run, compiled
