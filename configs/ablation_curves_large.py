@@ -7,16 +7,19 @@ Sainath et al. (2013) sample from hundreds of hours of speech; the 1024 images o
 ``configs/ablation.py`` leave the growing gradient sample a dozen steps before it is the whole
 set. Here: 8192 images, the baseline's curvature sample 500 (6%), the growing samples start at
 512 / 50 and grow 1.15x per step (the whole set after about 20 steps), and the HF variants
-that bear on the paper's claims with Adam as the peer.
+that bear on the paper's claims, with no preconditioner and with K-FAC underneath, with Adam
+as the peer.
 """
 
+from hfjax.experiments import ablation_config as ablation_lib
 from hfjax.experiments import config as config_lib
 
 
 def get_config():
   config = config_lib.sibling_config(__file__, "ablation")
   config.tasks = "curves"
-  config.variants = "hf,hf_lbfgs,hf_geometric,hf_lbfgs_geometric,adam"
+  accelerated = [key for group in ablation_lib.ACCELERATIONS for key in group[1:]]
+  config.variants = ",".join([*accelerated, "adam"])
   curves = config.curves
   curves.base.dataset.num_train = 8192
   curves.base.num_steps = 400

@@ -7,12 +7,15 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
+import hfjax
 from hfjax.experiments import ablation, optimizers, train
 from hfjax.experiments import config as config_lib
 from hfjax.experiments import report as report_lib
+from hfjax.experiments import task as task_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -190,6 +193,9 @@ def _flat_keys(tree: dict, prefix: str = ""):
     ({"optimizer.gradient_schedule.kind": "cubic"}, "config.optimizer.gradient_schedule.kind"),
     ({"optimizer.curvature_schedule.start": 5000}, "optimizer.curvature_schedule.start=5000"),
     ({"optimizer.preconditioner": "cholesky"}, "unknown preconditioner 'cholesky'"),
+    ({"optimizer.preconditioner": "kfac"}, "set --config.flatten_params=False"),
+    ({"optimizer.kfac.decay": 1.0}, "kfac.decay must be in"),
+    ({"optimizer.damping.ratio": "curvature"}, "unknown damping.ratio 'curvature'"),
     ({"model.kind": "autoencoder"}, "has labels"),
   ],
 )
@@ -260,6 +266,85 @@ def test_hf_example_count_follows_its_definition():
   gradient, linearise, products = 2 * 1000, 100, 2 * 100 * 11
   backtracking, step_and_search, martens = 3 * 100, 3 * 1000, 2 * 100
   assert count == gradient + linearise + products + backtracking + step_and_search + martens
+
+
+def test_default_config_holds_the_library_defaults_of_damping_and_kfac():
+  opt = config_lib.default_config().optimizer
+  assert opt.damping.to_dict() == hfjax.DampingConfig()._asdict()
+  assert opt.kfac.to_dict() == hfjax.KFACConfig()._asdict()
+
+
+def test_hf_options_reach_hessian_free(monkeypatch):
+  seen, hessian_free = {}, hfjax.hessian_free
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return hessian_free(*args, **kwargs)
+
+  monkeypatch.setattr(optimizers.hfjax, "hessian_free", spy)
+  overrides = {
+    "flatten_params": False,
+    "optimizer.preconditioner": "kfac+lbfgs",
+    "optimizer.lbfgs_pairs": "previous",
+    "optimizer.kfac.update_every": 3,
+    "optimizer.kfac.decay": 0.5,
+    "optimizer.kfac.loss": "softmax_cross_entropy",
+    "optimizer.damping.ratio": "martens",
+    "optimizer.damping.minimum": 1e-3,
+  }
+  config = _config("digits_classifier", **overrides)
+  task = task_lib.load_task(config)
+  sampler = hfjax.BatchSampler((task.data.x_train, task.data.y_train), seed=0)
+  optimizers.build_optimizer(config, task, sampler)
+  assert seen["preconditioner"] == "kfac+lbfgs" and seen["lbfgs_pairs"] == "previous"
+  assert seen["kfac"] == hfjax.KFACConfig(update_every=3, decay=0.5, loss="softmax_cross_entropy")
+  assert seen["damping"] == hfjax.DampingConfig(ratio="martens", minimum=1e-3)
+
+
+def test_kfac_run_finds_its_layers_and_counts_its_refreshes(tmp_path):
+  config = _config(
+    "digits_classifier",
+    **{
+      "flatten_params": False,
+      "optimizer.preconditioner": "kfac",
+      "optimizer.kfac.update_every": 2,
+      "optimizer.damping.ratio": "martens",
+      "num_steps": 3,
+    },
+  )
+  with warnings.catch_warnings():
+    # K-FAC warns when a leaf falls back to a diagonal: every leaf here is in a dense layer.
+    warnings.simplefilter("error", UserWarning)
+    summary = train.train_and_evaluate(config, tmp_path)
+  records = _records(tmp_path)
+  assert summary["final_train_loss"] < records[0]["eval_train_loss"]
+  n_g, n_c = 1437, 100
+  for before, record in zip(records, records[1:], strict=False):
+    spent = record["examples_processed"] - before["examples_processed"]
+    walk = record["backtracking_evaluations"] - 1
+    expected = (
+      2 * n_g  # gradient
+      + n_c * (1 + 2 * (record["cg_steps"] + 1))  # linearisation, warm start and CG products
+      + walk * n_c  # recorded iterates walked on the curvature sample
+      + (1 + record["line_search_evaluations"]) * n_g  # chosen step and line search
+      + n_c  # damping.ratio="martens": the loss before the step on the curvature sample
+      + (2 * n_c if record["step"] in (1, 3) else 0)  # K-FAC refreshes at counts 0 and 2
+    )
+    assert spent == expected, record["step"]
+
+
+def test_hf_example_count_skips_unbuilt_preconditioners_and_adds_martens_ratio():
+  info = {
+    "gradient_batch_size": 1000,
+    "curvature_batch_size": 100,
+    "cg_steps": 10,
+    "backtracking_evaluations": 4,
+    "line_search_evaluations": 2,
+  }
+  plain = optimizers._hf_examples(info, "none", variance_test=False)
+  assert optimizers._hf_examples(info, "kfac", variance_test=False) == plain + 2 * 100
+  assert optimizers._hf_examples(info, "kfac+lbfgs", variance_test=False, built=False) == plain
+  assert optimizers._hf_examples(info, "none", False, martens_ratio=True) == plain + 100
 
 
 def test_ablation_writes_its_table_and_plots(tmp_path):
@@ -360,3 +445,87 @@ def test_ablation_goals_are_computed_from_the_numbers(times, finals, expected):
   lines = report_lib.goals(_runs(times, finals), rows, target=1.0)
   verdicts = [re.search(r"\(goal [^)]*\): (met|missed)[;.]", line) for line in lines]
   assert [v and v[1] for v in verdicts] == ["met" if met else "missed" for _, met in expected]
+
+
+def _timed_runs(spec: dict[str, tuple[float, int, float]], seeds: int = 2) -> dict:
+  """Per method, ``seeds`` equal runs: loss 10 at 0 s, then ``final`` at ``(time, examples)``."""
+  return {
+    key: [
+      [
+        {"step": 0, "wall_time": 0.0, "examples_processed": 0, "eval_train_loss": 10.0},
+        {"step": 1, "wall_time": t, "examples_processed": n, "eval_train_loss": final},
+      ]
+    ]
+    * seeds
+    for key, (t, n, final) in spec.items()
+  }
+
+
+def test_ablation_says_what_each_acceleration_pays_from_the_numbers():
+  runs = _timed_runs(
+    {
+      "hf": (12, 6000, 0.5),
+      "hf_lbfgs": (10, 5000, 0.5),
+      "hf_geometric": (6, 3000, 0.5),
+      "hf_lbfgs_geometric": (3, 1000, 2.0),  # misses the target 1
+      "hf_kfac": (8, 4000, 0.5),
+      "hf_kfac_lbfgs": (10, 4000, 0.5),
+      "hf_kfac_geometric": (4, 1000, 0.5),
+      "hf_kfac_lbfgs_geometric": (5, 2000, 0.5),
+    }
+  )
+  task = ablation.task_config(config_lib.default_config())
+  rows = ablation.methods(task, list(runs))
+  lines = report_lib.accelerations(runs, rows, target=1.0)
+  header = "speed-up in time / examples to target against"
+  assert lines == [
+    f"With no preconditioner underneath, {header} HF baseline (no preconditioner, fixed "
+    "samples): L-BFGS pays 1.20x / 1.20x, sampling pays 2.00x / 2.00x, L-BFGS + sampling not "
+    "measured (HF baseline (no preconditioner, fixed samples) reaches the target in 2/2 seeds, "
+    "L-BFGS + geometric sampling (Sainath et al.) reaches the target in 0/2 seeds); in time, "
+    "both pay, sampling more.",
+    f"With K-FAC underneath, {header} K-FAC: L-BFGS pays 0.80x / 1.00x, sampling pays 2.00x / "
+    "4.00x, L-BFGS + sampling pays 1.60x / 2.00x; in time, only sampling pays.",
+    f"K-FAC in place of no preconditioner, {header} the same variant without it: alone 1.50x / "
+    "1.50x, with L-BFGS 1.00x / 1.25x, with sampling 1.50x / 3.00x, with both not measured "
+    "(L-BFGS + geometric sampling (Sainath et al.) reaches the target in 0/2 seeds, K-FAC + "
+    "L-BFGS + geometric sampling reaches the target in 2/2 seeds).",
+  ]
+  subset = {key: runs[key] for key in ("hf_kfac", "hf_kfac_geometric")}
+  assert report_lib.accelerations(subset, ablation.methods(task, list(subset)), 1.0) == [
+    f"With K-FAC underneath, {header} K-FAC: sampling pays 2.00x / 4.00x; in time, only "
+    "sampling pays (L-BFGS not measured)."
+  ]
+
+
+def test_ablation_runs_the_kfac_variants_on_unflattened_parameters(tmp_path):
+  spec = importlib.util.spec_from_file_location("config_ablation", CONFIGS / "ablation.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  # K-FAC alone, and under both accelerations (L-BFGS with K-FAC as H0, growing samples).
+  kfac_variants = ["hf_kfac", "hf_kfac_lbfgs_geometric"]
+  config.update_from_flattened_dict(
+    {
+      "seeds": (0,),
+      "tasks": "digits",
+      "variants": ",".join(["hf", *kfac_variants]),
+      "compilation_cache": False,
+      "digits.base.budget_examples": 40_000,
+      "digits.base.num_steps": 3,
+      **{f"digits.base.{key}": value for key, value in TINY.items()},
+    }
+  )
+  report = ablation.run_ablation(config, tmp_path)
+  rows = [line for line in report.splitlines() if line.startswith("| ")]
+  assert [row.split(" | ")[0] for row in rows[2:]] == [
+    "| + K-FAC",
+    "| + K-FAC + L-BFGS + geometric sampling",
+  ]
+  assert "- With K-FAC underneath, speed-up in time / examples to target against K-FAC:" in report
+  for key in kfac_variants:
+    run = json.loads((tmp_path / "digits" / key / "seed0" / "config.json").read_text())
+    assert run["flatten_params"] is False and run["optimizer"]["preconditioner"].startswith("kfac")
+    assert len(_records(tmp_path / "digits" / key / "seed0")) > 1
+  hf = json.loads((tmp_path / "digits" / "hf" / "seed0" / "config.json").read_text())
+  assert hf["flatten_params"] is True

@@ -14,6 +14,11 @@ For every task (the CURVES autoencoder, the digits classifier, and MNIST when
   from the previous solve (``hf_lbfgs_previous``), geometrically growing samples
   (``hf_geometric``), the variance test for the gradient sample (``hf_variance``);
 - the paper's method, L-BFGS within the solve with growing samples (``hf_lbfgs_geometric``);
+- the same accelerations with K-FAC underneath (Martens & Grosse 2015,
+  ``preconditioner="kfac"``): K-FAC alone (``hf_kfac``), K-FAC as L-BFGS's initial matrix
+  with pairs from within the solve (``hf_kfac_lbfgs``), K-FAC with geometric sampling
+  (``hf_kfac_geometric``) and both (``hf_kfac_lbfgs_geometric``), on unflattened parameters
+  (K-FAC finds its layers as 2-D parameter leaves);
 - Optax peers: Adam at three learning rates, SGD with momentum, and L-BFGS on a fixed batch.
 
 Every run of a task gets the same budget of examples processed (see
@@ -21,7 +26,9 @@ Every run of a task gets the same budget of examples processed (see
 once per round) so that a slow spell of a shared machine hits them all alike. Time and
 examples to the target training loss are read from each run's evaluation records; the
 target is the task's ``target_loss``, or, when that is unset, the highest final training loss
-of the baseline's seeds (the loss every baseline seed reaches within the budget).
+of the baseline's seeds (the loss every baseline seed reaches within the budget). The report
+says, from these numbers, what each acceleration pays over the variant beneath it, with no
+preconditioner and with K-FAC underneath.
 
 The methods and the configs are in :mod:`hfjax.experiments.ablation_config`, the report's
 tables and checked goals in :mod:`hfjax.experiments.report`, the flags in
@@ -124,8 +131,9 @@ def run_ablation(
         trained += now
     table, target = report.summarise(name, rows, runs, task.target_loss)
     _plot(name, task, rows, runs, workdir, len(config.seeds), target)
-    description = report.describe(task, config.seeds, target)
-    verdicts = [f"- {line}" for line in report.goals(runs, rows, target)]
+    description = report.describe(task, config.seeds, target, rows)
+    lines = [*report.goals(runs, rows, target), *report.accelerations(runs, rows, target)]
+    verdicts = [f"- {line}" for line in lines]
     sections.append("\n".join([f"### {name}", "", description, "", table, "", *verdicts, ""]))
   elapsed = time.perf_counter() - started
   text = "\n".join(

@@ -1,7 +1,8 @@
 """The ablation's config: its tasks, its run-wide keys and its methods.
 
 A method is a set of optimizer settings laid over a task's training config: the HF variants
-of Sainath et al. (2013) and the Optax peers. Config files (``configs/ablation.py``) build on
+of Sainath et al. (2013), their two accelerations again with K-FAC underneath, and the Optax
+peers. Config files (``configs/ablation.py``) build on
 this module; :mod:`hfjax.experiments.ablation` runs what it describes.
 """
 
@@ -14,12 +15,22 @@ import ml_collections
 
 from hfjax.experiments import config as config_lib
 
-HF_VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict], dict]]] = {}
+
+class HFVariant(NamedTuple):
+  """An HF variant: its table label, its optimizer settings for a task, and the settings of
+  its training config outside ``optimizer`` (``None``: the task's)."""
+
+  label: str
+  optimizer: Callable[[ml_collections.ConfigDict], dict]
+  run: dict | None = None
 
 
-def _hf_variant(key: str, label: str):
+HF_VARIANTS: dict[str, HFVariant] = {}
+
+
+def _hf_variant(key: str, label: str, **run):
   def register(fn):
-    HF_VARIANTS[key] = (label, fn)
+    HF_VARIANTS[key] = HFVariant(label, fn, run or None)
     return fn
 
   return register
@@ -90,10 +101,60 @@ def _paper(task):
   return {"preconditioner": "lbfgs", "lbfgs_pairs": "within", **_growing(task, "geometric")}
 
 
+# K-FAC finds its layers as 2-D parameter leaves, which one flat parameter vector hides
+# (``flatten_params``); these runs keep the pytree and pay its per-leaf vector arithmetic.
+_KFAC_RUN = {"flatten_params": False}
+
+
+@_hf_variant("hf_kfac", "+ K-FAC", **_KFAC_RUN)
+def _kfac(task):
+  return {"preconditioner": "kfac", **_fixed(task)}
+
+
+@_hf_variant("hf_kfac_lbfgs", "+ K-FAC + L-BFGS within the solve (K-FAC as H0)", **_KFAC_RUN)
+def _kfac_lbfgs(task):
+  return {"preconditioner": "kfac+lbfgs", "lbfgs_pairs": "within", **_fixed(task)}
+
+
+@_hf_variant("hf_kfac_geometric", "+ K-FAC + geometric sampling", **_KFAC_RUN)
+def _kfac_geometric(task):
+  return {"preconditioner": "kfac", **_growing(task, "geometric")}
+
+
+@_hf_variant("hf_kfac_lbfgs_geometric", "+ K-FAC + L-BFGS + geometric sampling", **_KFAC_RUN)
+def _kfac_paper(task):
+  return {"preconditioner": "kfac+lbfgs", "lbfgs_pairs": "within", **_growing(task, "geometric")}
+
+
 PEERS = ("adam", "sgd", "lbfgs")
 VARIANTS = (*HF_VARIANTS, *PEERS)
 BASELINE = "hf"
 PAPER = "hf_lbfgs_geometric"
+KFAC = "hf_kfac"
+
+
+class Accelerations(NamedTuple):
+  """The paper's two accelerations over one HF variant underneath them, by method key.
+
+  Attributes:
+    underneath: what the variants share, in words.
+    base: the variant alone (fixed samples, no L-BFGS).
+    lbfgs: with L-BFGS built within the solve.
+    sampling: with geometrically growing samples.
+    both: with both.
+  """
+
+  underneath: str
+  base: str
+  lbfgs: str
+  sampling: str
+  both: str
+
+
+ACCELERATIONS = (
+  Accelerations("no preconditioner", BASELINE, "hf_lbfgs", "hf_geometric", PAPER),
+  Accelerations("K-FAC", KFAC, "hf_kfac_lbfgs", "hf_kfac_geometric", "hf_kfac_lbfgs_geometric"),
+)
 
 
 def task_config(base: ml_collections.ConfigDict, **settings) -> ml_collections.ConfigDict:
@@ -152,12 +213,16 @@ def ablation_config(**tasks: ml_collections.ConfigDict) -> ml_collections.Config
 
 
 class Method(NamedTuple):
-  """One row of a table: a name, a label, the optimizer settings and ``"hf"`` or ``"optax"``."""
+  """One row of a table: a name, a label, the optimizer settings and ``"hf"`` or ``"optax"``.
+
+  ``run`` holds the settings of the run's training config outside ``optimizer``.
+  """
 
   key: str
   label: str
   optimizer: dict
   family: str
+  run: dict | None = None
 
 
 def methods(task: ml_collections.ConfigDict, selected: Sequence[str]) -> list[Method]:
@@ -166,9 +231,10 @@ def methods(task: ml_collections.ConfigDict, selected: Sequence[str]) -> list[Me
   if unknown:
     raise ValueError(f"unknown variants {sorted(unknown)}; choose from {[*HF_VARIANTS, *PEERS]}.")
   rows = []
-  for key, (label, options) in HF_VARIANTS.items():
+  for key, variant in HF_VARIANTS.items():
     if key in selected:
-      rows.append(Method(key, label, {"name": "hf", **options(task)}, "hf"))
+      optimizer = {"name": "hf", **variant.optimizer(task)}
+      rows.append(Method(key, variant.label, optimizer, "hf", variant.run))
   if "adam" in selected:
     for lr in task.adam_learning_rates:
       optimizer = {"name": "adam", "learning_rate": lr, "batch_size": task.batch_size}
@@ -194,6 +260,7 @@ def run_config(
   """The training config of one run."""
   config = ml_collections.ConfigDict(task.base.to_dict())
   config.optimizer.update_from_flattened_dict(_flatten(method.optimizer))
+  config.update_from_flattened_dict(_flatten(method.run or {}))
   config.seed = seed
   config.progress = False
   config.plot = False

@@ -1,8 +1,10 @@
-"""The ablation's report, computed from its runs' records: tables and checked goals.
+"""The ablation's report, computed from its runs' records: tables, checked goals and what
+each acceleration pays.
 
 Every number and every verdict in the report is computed here from the records
 (``metrics.jsonl``) of the runs; the goals are data (:data:`SPEEDUP_GOAL`,
-:data:`FINAL_LOSS_TOLERANCE`) checked against them.
+:data:`FINAL_LOSS_TOLERANCE`) checked against them, and the accelerations compared are
+:data:`hfjax.experiments.ablation_config.ACCELERATIONS`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from hfjax.experiments.ablation_config import BASELINE, PAPER, Method
+from hfjax.experiments.ablation_config import ACCELERATIONS, BASELINE, PAPER, Method
 from hfjax.experiments.train import first_below
 
 Runs = dict[str, list[list[dict]]]  # method key -> one list of records per seed
@@ -64,6 +66,22 @@ def baseline_target(task_name: str, runs: Runs) -> float:
 
 def _hits(seeds: list[list[dict]], target: float) -> list[dict]:
   return [hit for hit in (first_below(records, target) for records in seeds) if hit is not None]
+
+
+def _to_target(seeds: list[list[dict]], target: float) -> tuple[float, float] | None:
+  """Mean time (s) and examples processed to the target, or ``None`` unless every seed
+  reaches it."""
+  found = [first_below(records, target) for records in seeds]
+  if not found or any(hit is None for hit in found):
+    return None
+  return (
+    statistics.fmean(hit["wall_time"] for hit in found),
+    statistics.fmean(hit["examples_processed"] for hit in found),
+  )
+
+
+def _reached(label: str, seeds: list[list[dict]], target: float) -> str:
+  return f"{label} reaches the target in {len(_hits(seeds, target))}/{len(seeds)} seeds"
 
 
 def _row(method: Method, seeds: list[list[dict]], hits: list[dict], base: dict | None) -> list:
@@ -125,17 +143,14 @@ def checks(runs: Runs, rows: Sequence[Method], target: float) -> list[Check]:
 
   A method reaches the target only if every seed does; its time is then the mean over seeds.
   """
-  labels = {m.key: m.label.removeprefix("+ ") for m in rows}
+  labels = _labels(rows)
 
   def mean_time(key):
-    found = [first_below(records, target) for records in runs[key]]
-    if any(hit is None for hit in found):
-      return None
-    return statistics.fmean(hit["wall_time"] for hit in found)
+    means = _to_target(runs[key], target)
+    return None if means is None else means[0]
 
   def reached(key):
-    hits = len(_hits(runs[key], target))
-    return f"{labels[key]} reaches the target in {hits}/{len(runs[key])} seeds"
+    return _reached(labels[key], runs[key], target)
 
   def final(key):
     return statistics.fmean(records[-1]["eval_train_loss"] for records in runs[key])
@@ -194,21 +209,128 @@ def goals(runs: Runs, rows: Sequence[Method], target: float) -> list[str]:
   return [check.line() for check in checks(runs, rows, target)]
 
 
-def describe(task: ml_collections.ConfigDict, seeds: Sequence[int], target: float) -> str:
-  """One paragraph on a task: data, model, budget, target, seeds and sample sizes."""
+def _labels(rows: Sequence[Method]) -> dict[str, str]:
+  return {m.key: m.label.removeprefix("+ ") for m in rows}
+
+
+def _speedup(runs: Runs, base: str, key: str, target: float) -> tuple[float, float] | None:
+  """``base``'s mean time and examples to the target over ``key``'s; ``None`` unless every
+  seed of both reaches it."""
+  ours, theirs = _to_target(runs[base], target), _to_target(runs[key], target)
+  if ours is None or theirs is None:
+    return None
+  return ours[0] / theirs[0], ours[1] / theirs[1]
+
+
+def _compared(
+  runs: Runs,
+  labels: dict[str, str],
+  named: Sequence[tuple[str, str, str]],
+  target: float,
+  template: str = "{name} pays {time:.2f}x / {examples:.2f}x",
+) -> tuple[list[str], dict[str, float]]:
+  """``template`` filled per ``(name, base, key)`` (the speed-ups of ``key`` over ``base``),
+  and the time speed-ups measured, by name."""
+  parts, measured = [], {}
+  for name, base, key in named:
+    speedup = _speedup(runs, base, key, target)
+    if speedup is None:
+      unmeasured = [_reached(labels[k], runs[k], target) for k in (base, key)]
+      parts.append(f"{name} not measured ({', '.join(unmeasured)})")
+    else:
+      parts.append(template.format(name=name, time=speedup[0], examples=speedup[1]))
+      measured[name] = speedup[0]
+  return parts, measured
+
+
+def _which_pays(measured: dict[str, float], names: Sequence[str]) -> str:
+  """Which of ``names`` pays in time (a speed-up above 1), in words."""
+  paying = sorted((measured[n], n) for n in names if measured.get(n, 0.0) > 1)
+  if len(paying) > 1:
+    verdict = f"both pay, {paying[-1][1]} more"
+  elif paying:
+    verdict = f"only {paying[0][1]} pays"
+  else:
+    verdict = "neither pays"
+  missing = [n for n in names if n not in measured]
+  if missing:
+    verdict += f" ({' and '.join(missing)} not measured)"
+  return f"in time, {verdict}"
+
+
+def accelerations(runs: Runs, rows: Sequence[Method], target: float) -> list[str]:
+  """What the paper's two accelerations pay over each base of
+  :data:`~hfjax.experiments.ablation_config.ACCELERATIONS` that ran, and what K-FAC pays in
+  place of no preconditioner.
+
+  A speed-up divides the base's mean time (examples processed) to the target by the
+  variant's, over seeds that all reach it; an acceleration "pays" when it is above 1.
+  """
+  labels = _labels(rows)
+  lines = []
+  for group in ACCELERATIONS:
+    named = [
+      (name, group.base, key)
+      for name, key in (
+        ("L-BFGS", group.lbfgs),
+        ("sampling", group.sampling),
+        ("L-BFGS + sampling", group.both),
+      )
+      if key in runs
+    ]
+    if group.base not in runs or not named:
+      continue
+    parts, measured = _compared(runs, labels, named, target)
+    lines.append(
+      f"With {group.underneath} underneath, speed-up in time / examples to target against "
+      f"{labels[group.base]}: {', '.join(parts)}; {_which_pays(measured, ('L-BFGS', 'sampling'))}."
+    )
+  plain, kfac = ACCELERATIONS
+  named = [
+    (name, without, structured)
+    for name, without, structured in zip(
+      ("alone", "with L-BFGS", "with sampling", "with both"), plain[1:], kfac[1:], strict=True
+    )
+    if without in runs and structured in runs
+  ]
+  if named:
+    template = "{name} {time:.2f}x / {examples:.2f}x"
+    parts, _ = _compared(runs, labels, named, target, template)
+    lines.append(
+      "K-FAC in place of no preconditioner, speed-up in time / examples to target against the "
+      f"same variant without it: {', '.join(parts)}."
+    )
+  return lines
+
+
+def describe(
+  task: ml_collections.ConfigDict,
+  seeds: Sequence[int],
+  target: float,
+  rows: Sequence[Method] = (),
+) -> str:
+  """One paragraph on a task: data, model, budget, target, seeds, sample sizes and damping,
+  and K-FAC's settings when ``rows`` hold a K-FAC variant."""
   base = task.base
   data = ", ".join(f"{k}={v}" for k, v in base.dataset.items() if k != "name")
   budget = f"{base.budget_examples / 1e6:g}M examples processed"
   if base.budget_seconds:
     budget += f" or {base.budget_seconds:g} s of training, whichever comes first"
-  grow = task.sampling
+  grow, opt = task.sampling, base.optimizer
+  kfac = ""
+  if any(m.optimizer.get("preconditioner", "").startswith("kfac") for m in rows):
+    kfac = (
+      f" K-FAC factors refreshed every {opt.kfac.update_every} step(s), moving-average decay "
+      f"{opt.kfac.decay:g}, on unflattened parameters."
+    )
   return (
     f"{base.dataset.name} ({data}), {base.model.kind} {_model_shape(base)}. Budget per run: "
     f"{budget} (HF at most {base.num_steps} steps). Target training "
     f"loss {target:.4g}. Seeds {tuple(seeds)}. HF samples: gradient "
     f"{task.gradient_sample or 'all'}, curvature {task.curvature_sample}; growing ones "
     f"start at {grow.gradient_start}/{grow.curvature_start} and grow {grow.factor}x per "
-    f"step. Adam and SGD minibatch {task.batch_size}."
+    f"step; damping from {opt.initial_damping:g}, rho by damping.ratio={opt.damping.ratio!r}."
+    f"{kfac} Adam and SGD minibatch {task.batch_size}."
   )
 
 
