@@ -1,9 +1,13 @@
 """The HF ablation (Sainath et al. 2013) on CURVES and digits, sized for a 2-core CPU.
 
-  python -m hfjax.experiments.ablation --config configs/ablation.py [--workdir runs/ablation]
+  OPENBLAS_NUM_THREADS=1 python -m hfjax.experiments.ablation --config configs/ablation.py \
+    [--workdir runs/ablation]
   # also on MNIST (784-1000-500-250-30 autoencoder):
-  python -m hfjax.experiments.ablation --config configs/ablation.py \
+  OPENBLAS_NUM_THREADS=1 python -m hfjax.experiments.ablation --config configs/ablation.py \
     --config.mnist_path=/path/to/mnist.npz
+
+(``OPENBLAS_NUM_THREADS=1`` keeps the K-FAC variants' Cholesky inverses from OpenBLAS's
+spinning threads, see ``hfjax/experiments/ablation.py``.)
 
 Each task holds the training config of its runs (``base``, see ``configs/*.py``) and the
 sizes the methods differ in (``hfjax.experiments.ablation_config.task_config`` lists them). Sizes

@@ -1,7 +1,7 @@
 """The ablation's CURVES task with 8x the images, where growing samples have room to pay.
 
-  python -m hfjax.experiments.ablation --config configs/ablation_curves_large.py \
-    --workdir runs/ablation_large
+  OPENBLAS_NUM_THREADS=1 python -m hfjax.experiments.ablation \
+    --config configs/ablation_curves_large.py --workdir runs/ablation_large
 
 Sainath et al. (2013) sample from hundreds of hours of speech; the 1024 images of
 ``configs/ablation.py`` leave the growing gradient sample a dozen steps before it is the whole

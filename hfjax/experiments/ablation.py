@@ -2,7 +2,12 @@ r"""The ablation of Sainath et al. (2013): which HF acceleration buys what.
 
 Usage::
 
-  python -m hfjax.experiments.ablation --config configs/ablation.py [--workdir runs/ablation]
+  OPENBLAS_NUM_THREADS=1 python -m hfjax.experiments.ablation --config configs/ablation.py \
+    [--workdir runs/ablation]
+
+``OPENBLAS_NUM_THREADS=1``: XLA's CPU Cholesky, which K-FAC's inverses use, calls SciPy's
+OpenBLAS, whose spinning threads on a loaded CPU made a K-FAC step on CURVES 1.1-7 s instead of
+0.8-1.0 s (plain HF: 0.2-0.5 s either way; load 6 on 2 cores), see ``benchmarks/bench_kfac.py``.
 
 For every task (the CURVES autoencoder, the digits classifier, and MNIST when
 ``--config.mnist_path`` is given) and every seed, it trains:

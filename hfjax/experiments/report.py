@@ -235,8 +235,9 @@ def _compared(
   for name, base, key in named:
     speedup = _speedup(runs, base, key, target)
     if speedup is None:
-      unmeasured = [_reached(labels[k], runs[k], target) for k in (base, key)]
-      parts.append(f"{name} not measured ({', '.join(unmeasured)})")
+      missed = [k for k in (base, key) if _to_target(runs[k], target) is None]
+      reached = ", ".join(_reached(labels[k], runs[k], target) for k in missed)
+      parts.append(f"{name} not measured ({reached})")
     else:
       parts.append(template.format(name=name, time=speedup[0], examples=speedup[1]))
       measured[name] = speedup[0]
@@ -280,11 +281,14 @@ def accelerations(runs: Runs, rows: Sequence[Method], target: float) -> list[str
     ]
     if group.base not in runs or not named:
       continue
+    against = f"With {group.underneath} underneath, speed-up in time / examples to target against"
+    if _to_target(runs[group.base], target) is None:
+      reached = _reached(labels[group.base], runs[group.base], target)
+      lines.append(f"{against} {labels[group.base]}: not measured ({reached}).")
+      continue
     parts, measured = _compared(runs, labels, named, target)
-    lines.append(
-      f"With {group.underneath} underneath, speed-up in time / examples to target against "
-      f"{labels[group.base]}: {', '.join(parts)}; {_which_pays(measured, ('L-BFGS', 'sampling'))}."
-    )
+    verdict = _which_pays(measured, ("L-BFGS", "sampling"))
+    lines.append(f"{against} {labels[group.base]}: {', '.join(parts)}; {verdict}.")
   plain, kfac = ACCELERATIONS
   named = [
     (name, without, structured)
