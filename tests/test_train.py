@@ -308,7 +308,8 @@ def test_kfac_run_finds_its_layers_and_counts_its_refreshes(tmp_path):
       "flatten_params": False,
       "optimizer.preconditioner": "kfac",
       "optimizer.kfac.update_every": 2,
-      "optimizer.damping.ratio": "martens",
+      # rho on the gradient batch: no loss at the incoming parameters on the curvature sample.
+      "optimizer.damping.ratio": "gradient",
       "num_steps": 3,
     },
   )
@@ -327,13 +328,12 @@ def test_kfac_run_finds_its_layers_and_counts_its_refreshes(tmp_path):
       + n_c * (1 + 2 * (record["cg_steps"] + 1))  # linearisation, warm start and CG products
       + walk * n_c  # recorded iterates walked on the curvature sample
       + (1 + record["line_search_evaluations"]) * n_g  # chosen step and line search
-      + n_c  # damping.ratio="martens": the loss before the step on the curvature sample
       + (2 * n_c if record["step"] in (1, 3) else 0)  # K-FAC refreshes at counts 0 and 2
     )
     assert spent == expected, record["step"]
 
 
-def test_hf_example_count_skips_unbuilt_preconditioners_and_adds_martens_ratio():
+def test_hf_example_count_skips_unbuilt_preconditioners():
   info = {
     "gradient_batch_size": 1000,
     "curvature_batch_size": 100,
@@ -344,7 +344,6 @@ def test_hf_example_count_skips_unbuilt_preconditioners_and_adds_martens_ratio()
   plain = optimizers._hf_examples(info, "none", variance_test=False)
   assert optimizers._hf_examples(info, "kfac", variance_test=False) == plain + 2 * 100
   assert optimizers._hf_examples(info, "kfac+lbfgs", variance_test=False, built=False) == plain
-  assert optimizers._hf_examples(info, "none", False, martens_ratio=True) == plain + 100
 
 
 def test_ablation_writes_its_table_and_plots(tmp_path):

@@ -94,17 +94,16 @@ def _hf_examples(
   variance_test: bool,
   *,
   built: bool = True,
-  martens_ratio: bool = False,
 ) -> int:
   """Example-passes of one HF step, from its diagnostics (see :mod:`hfjax.experiments.train`).
 
   The trainer passes a curvature batch and no validation batch, so CG backtracking walks the
   recorded iterates on the curvature sample and then evaluates the chosen one on the
-  gradient sample (``backtracking_evaluations`` counts both); the line search's further
-  trials are on the gradient sample too. ``built``: whether the preconditioner's passes were
-  spent this step (K-FAC refreshes every ``kfac.update_every`` steps); ``martens_ratio``:
-  :math:`\\rho` by ``damping.ratio="martens"``, which evaluates the loss at the incoming
-  parameters on the curvature sample too.
+  gradient sample (``backtracking_evaluations`` counts both, and the loss at the incoming
+  parameters on the curvature sample that ``damping.ratio="martens"`` adds); the line
+  search's further trials are on the gradient sample too. ``built``: whether the
+  preconditioner's passes were spent this step (K-FAC refreshes every ``kfac.update_every``
+  steps).
   """
   n_g, n_c = int(info["gradient_batch_size"]), int(info["curvature_batch_size"])
   gradient = 2 * n_g
@@ -114,8 +113,6 @@ def _hf_examples(
   total = gradient + products + walk + chosen_and_search
   if built:
     total += _PRECONDITIONER_PASSES.get(preconditioner, 0) * n_c
-  if martens_ratio:
-    total += n_c
   if variance_test:
     total += 2 * n_g
   return total
@@ -159,7 +156,6 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
 
   compiled = AheadOfTime(step)
   variance_test = gradient.kind == "variance"
-  martens_ratio = opt.damping.ratio == "martens"
   # Only K-FAC's build can skip a step; every other preconditioner is built for each solve.
   build_every = opt.kfac.update_every if opt.preconditioner.startswith("kfac") else 1
 
@@ -171,9 +167,7 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
     info = jax.device_get({k: optax.tree.get(state, k) for k in HF_INFO})
     record = {k: v.item() for k, v in info.items()}
     record["train_loss"] = record.pop("loss_before")
-    record["examples"] = _hf_examples(
-      record, opt.preconditioner, variance_test, built=built, martens_ratio=martens_ratio
-    )
+    record["examples"] = _hf_examples(record, opt.preconditioner, variance_test, built=built)
     return params, state, record
 
   return tx.init(task.params), run, compiled
