@@ -223,13 +223,13 @@ def _with_initial(state: LBFGSState, initial: Callable[[Any], Any], like: Any) -
       "give one of them."
     )
 
-  def column(y):
+  def times_initial(y):
     # Each y_j is shaped like ``like`` for ``initial``, whatever the memory's layout.
     shaped = jax.tree.map(lambda x, v: x.reshape(jnp.shape(v)), y, like)
-    h0_y = jax.tree.map(lambda h, x: h.reshape(x.shape), _times_initial(initial, shaped), y)
-    return h0_y, _project(state.y_memory, h0_y)
+    return jax.tree.map(lambda h, x: h.reshape(x.shape), _times_initial(initial, shaped), y)
 
-  h0_y, yy = _map_stored(column, state, state.y_memory)
+  h0_y = _map_stored(times_initial, state, state.y_memory)
+  yy = _map_stored(functools.partial(_project, state.y_memory), state, h0_y)
   return state._replace(y_memory=h0_y, yy_products=yy.T.astype(state.yy_products.dtype))
 
 
