@@ -298,7 +298,14 @@ def detect_output_loss(
     )
   kinds = _candidates(outputs) if loss == "auto" else (loss,)
   fits = {kind: _fit(kind, probe) for kind in kinds}
-  kind = min(fits, key=lambda k: fits[k][1])
+
+  def mismatch(kind: str) -> float:
+    # One example cannot tell the kinds apart when it has a single output (every kind fits a
+    # positive number), so the two-example probe, at other outputs, must agree too.
+    (one, one_error), (two, two_error) = fits[kind], _fit(kind, probe_two)
+    return max(one_error, two_error, abs(2 * two - one) / max(abs(one), 1e-30))
+
+  kind = min(kinds, key=mismatch)
   scale, error = fits[kind]
   if not scale > 0:
     raise ValueError(
@@ -729,14 +736,15 @@ class KFACState(NamedTuple):
     diagonal: per leaf, its Gauss-Newton diagonal estimate (used for unmatched leaves).
     inverse_factors: like ``factors``, the damped inverses of the last refresh.
     inverse_diagonal: like ``diagonal``, the damped inverse of the last refresh.
-    count: estimates averaged into ``factors``, int32 (0 before the first).
+    num_estimates: estimates averaged into ``factors``, int32 (0 before the first); not
+      ``count``, so that ``optax.tree.get(state, "count")`` keeps finding the step count.
   """
 
   factors: tuple
   diagonal: tuple
   inverse_factors: tuple
   inverse_diagonal: tuple
-  count: jax.Array
+  num_estimates: jax.Array
 
 
 def kfac_state_init(params: optax.Params) -> KFACState:
@@ -758,7 +766,7 @@ def kfac_state_init(params: optax.Params) -> KFACState:
     diagonal=diagonal,
     inverse_factors=jax.tree.map(jnp.zeros_like, factors),
     inverse_diagonal=jax.tree.map(jnp.zeros_like, diagonal),
-    count=jnp.zeros((), jnp.int32),
+    num_estimates=jnp.zeros((), jnp.int32),
   )
 
 
@@ -819,7 +827,7 @@ def kfac_state_update(
   was, so one bad batch never spoils the running factors.
   """
   a_old, g_old, d_old = _gather(state.factors, state.diagonal, layout)
-  old = KFACFactors(a_old, g_old, d_old, state.count)
+  old = KFACFactors(a_old, g_old, d_old, state.num_estimates)
   averaged = kfac_update_factors(old, new, decay)
   inverse = kfac_inverse(averaged, damping, diagonal_exponent=diagonal_exponent)
   factors, diagonal = _scatter(state.factors, state.diagonal, *averaged[:3], layout)

@@ -62,6 +62,15 @@ class DampingConfig(NamedTuple):
   :math:`\\rho <` ``low`` multiplies :math:`\\lambda` by ``increase``,
   :math:`\\rho >` ``high`` multiplies it by ``decrease``; a rejected step counts as
   :math:`\\rho = -\\infty`. :math:`\\lambda` is kept in ``[minimum, maximum]``.
+
+  ``ratio`` says how :math:`\\rho` is measured. ``"martens"`` (the default, as in Martens'
+  code): :math:`(f_V(\\theta + d) - f_V(\\theta)) / (g^\\top d + \\frac12 d^\\top G d)` with
+  :math:`f_V` the loss on the validation batch (the curvature batch unless another is
+  given) and the *undamped* model in the denominator. Pass a held-out ``validation_batch``
+  when the gradient and curvature come from one small minibatch: :math:`\\rho` on the batch
+  the step was fitted to stays high while the step overfits it, the damping collapses and
+  training diverges (measured in ``benchmarks/RESULTS.md``). ``"gradient"``: losses on the
+  gradient batch over the damped model (hfjax 0.1).
   """
 
   increase: float = 1.5
@@ -70,7 +79,7 @@ class DampingConfig(NamedTuple):
   high: float = 0.75
   minimum: float = 1e-8
   maximum: float = 1e8
-  ratio: Literal["gradient", "martens"] = "gradient"
+  ratio: Literal["gradient", "martens"] = "martens"
 
   def _check(self) -> None:
     _check_choice("damping.ratio", self.ratio, ("gradient", "martens"))
@@ -164,8 +173,10 @@ class HessianFreeInfo(NamedTuple):
     lbfgs_pairs: L-BFGS pairs held after the solve.
     gradient_batch_size: examples in the gradient batch used.
     curvature_batch_size: examples in the curvature batch used.
-    backtracking_evaluations: losses evaluated by CG backtracking (recorded iterates
-      walked on ``validation_batch``, plus one on ``batch`` when that is another batch).
+    backtracking_evaluations: losses evaluated by CG backtracking and the reduction ratio
+      (recorded iterates walked on ``validation_batch``, plus, when that is another batch
+      than ``batch``, one on ``batch`` and, with ``DampingConfig(ratio="martens")``, one at
+      the incoming parameters on ``validation_batch``).
     line_search_evaluations: losses evaluated by the line search beyond ``t = 1``.
   """
 
@@ -463,7 +474,7 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
   running = state.preconditioner
   if options.kfac.update_every == 1:
     return refresh(running), layout
-  due = (state.count % options.kfac.update_every == 0) | (running.count == 0)
+  due = (state.count % options.kfac.update_every == 0) | (running.num_estimates == 0)
   return jax.lax.cond(due, refresh, lambda r: r, running), layout
 
 
@@ -615,22 +626,26 @@ def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> ja
   return jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
 
 
-def _step_ratio(options, problem, chosen: _Backtracked, f1: jax.Array) -> jax.Array:
+def _step_ratio(
+  options, problem, chosen: _Backtracked, f1: jax.Array
+) -> tuple[jax.Array, _Backtracked]:
   """:math:`\\rho` of the chosen iterate by ``options.damping.ratio``.
 
   ``"gradient"``: losses on the gradient batch over the damped model. ``"martens"`` (as in
   Martens' code): losses on the validation batch (the curvature batch unless another is
-  given) over the undamped model :math:`g^\\top d + \\frac12 d^\\top G d`.
+  given) over the undamped model :math:`g^\\top d + \\frac12 d^\\top G d`. Returns
+  :math:`\\rho` and ``chosen`` with the loss it may evaluate added to its count.
   """
   if options.damping.ratio == "gradient":
-    return _reduction_ratio(problem.loss_before, f1, chosen.model_value)
+    return _reduction_ratio(problem.loss_before, f1, chosen.model_value), chosen
   batches = problem.batches
   f0 = problem.loss_before
   if batches.validation is not batches.gradient:
     f0 = problem.loss(optax.tree.zeros_like(chosen.direction), batches.validation)
+    chosen = chosen._replace(evaluations=chosen.evaluations + 1)
   norm2 = optax.tree.vdot(chosen.direction, chosen.direction).astype(f0.dtype)
   undamped = chosen.model_value - 0.5 * problem.damping.astype(f0.dtype) * norm2
-  return _reduction_ratio(f0, chosen.validation_loss, undamped)
+  return _reduction_ratio(f0, chosen.validation_loss, undamped), chosen
 
 
 # 5. Armijo line search along the chosen iterate.
@@ -769,7 +784,7 @@ def hessian_free(
   apply_fn: curvature.ApplyFn,
   loss_fn: curvature.LossFn,
   *,
-  preconditioner: PreconditionerName = "lbfgs",
+  preconditioner: PreconditionerName = "kfac",
   memory_size: int = 10,
   lbfgs_pairs: LBFGSPairs = "within",
   max_cg_steps: int = 250,
@@ -925,7 +940,8 @@ def hessian_free(
     accepted = solved & sufficient & all_finite(chosen.direction)
 
     # 6. Levenberg-Marquardt damping; a rejected step counts as rho = -inf.
-    rho = jnp.where(accepted, _step_ratio(options, problem, chosen, f1), -jnp.inf)
+    rho, chosen = _step_ratio(options, problem, chosen, f1)
+    rho = jnp.where(accepted, rho, -jnp.inf)
     damping = _adapt_damping(options.damping, problem.damping, rho)
 
     # 7. What the next step starts from: warm start, L-BFGS pairs and sample sizes.

@@ -115,9 +115,9 @@ CASES = {
   "max_cg_steps_negative": (make(max_cg_steps=-5), ValueError, r"max_cg_steps"),
   "num_recorded_iterates_zero": (make(num_recorded_iterates=0), ValueError, r"num_recorded"),
   "unknown_preconditioner": (
-    make(preconditioner="kfac"),
+    make(preconditioner="shampoo"),
     ValueError,
-    r"unknown preconditioner 'kfac'; choose one of",
+    r"unknown preconditioner 'shampoo'; choose one of",
   ),
   "unknown_lbfgs_pairs": (make(lbfgs_pairs="next"), ValueError, r"unknown lbfgs_pairs 'next'"),
   "negative_cg_tol": (make(cg_tol=-1.0), ValueError, r"cg_tol must be >= 0"),

@@ -87,7 +87,9 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
 
 def test_whole_state_round_trips_exactly(tmp_path):
   params = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.array([1.5, -2.0], jnp.bfloat16)}
-  tx = hfjax.hessian_free(apply_fn, loss_fn, lbfgs_pairs="previous", memory_size=3)
+  tx = hfjax.hessian_free(
+    apply_fn, loss_fn, preconditioner="lbfgs", lbfgs_pairs="previous", memory_size=3
+  )
   state = tx.init(params)
   state = state._replace(
     key=jax.random.split(state.key)[1],

@@ -526,7 +526,7 @@ def test_state_preconditioner_matches_averaged_factors():
   state = kfac.kfac_state_init(params)
   state = kfac.kfac_state_update(state, first, 0.3, layout, decay=0.8)
   state = kfac.kfac_state_update(state, second, 0.3, layout, decay=0.8)
-  assert int(state.count) == 2
+  assert int(state.num_estimates) == 2
   # Reference: the layout-form moving average, then its preconditioner.
   averaged = kfac.kfac_update_factors(
     kfac.kfac_update_factors(kfac.kfac_init(params, layout), first, 0.8), second, 0.8

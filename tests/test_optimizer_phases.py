@@ -238,7 +238,7 @@ def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
     assert state.lbfgs.s_memory.shape == (3, 4)
   if preconditioner.startswith("kfac"):
     assert isinstance(state.preconditioner, hfjax.kfac.KFACState)
-    assert int(state.preconditioner.count) == 0
+    assert int(state.preconditioner.num_estimates) == 0
   else:
     assert state.preconditioner is None
 
@@ -272,7 +272,7 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner):
     grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
     updates, state = step(grads, state, params)
     params = optax.apply_updates(params, updates)
-    counts.append(int(state.preconditioner.count))
+    counts.append(int(state.preconditioner.num_estimates))
     slots.append(np.asarray(state.preconditioner.factors[2][1]))  # G of the first layer
   # Refreshed at steps 0, 3 and 6 only; between refreshes the factors stay put.
   assert counts == [1, 1, 1, 2, 2, 2, 3]

@@ -248,7 +248,9 @@ def _worker(preconditioner: str) -> dict:
     results["model"] = compare(new_params, new_state, trace)
     results["model"]["specs"] = {k: list(v.sharding.spec) for k, v in new_params.items()}
     results["model"]["warm_start_spec"] = list(new_state.warm_start["w1"].sharding.spec)
-    previous = hfjax.hessian_free(apply_fn, loss_fn, lbfgs_pairs="previous", memory_size=5)
+    previous = hfjax.hessian_free(
+      apply_fn, loss_fn, preconditioner="lbfgs", lbfgs_pairs="previous", memory_size=5
+    )
     memory = sharding.state_sharding(previous.init(params), params, mesh, True).lbfgs
     results["model"]["memory_specs"] = {k: list(v.spec) for k, v in memory.s_memory.items()}
     results["model"]["memory_specs"]["sy"] = list(memory.sy_products.spec)
