@@ -63,14 +63,17 @@ class DampingConfig(NamedTuple):
   :math:`\\rho >` ``high`` multiplies it by ``decrease``; a rejected step counts as
   :math:`\\rho = -\\infty`. :math:`\\lambda` is kept in ``[minimum, maximum]``.
 
-  ``ratio`` says how :math:`\\rho` is measured. ``"martens"`` (the default, as in Martens'
-  code): :math:`(f_V(\\theta + d) - f_V(\\theta)) / (g^\\top d + \\frac12 d^\\top G d)` with
+  ``ratio`` says how :math:`\\rho` is measured. ``"martens"`` (as in Martens' code):
+  :math:`(f_V(\\theta + d) - f_V(\\theta)) / (g^\\top d + \\frac12 d^\\top G d)` with
   :math:`f_V` the loss on the validation batch (the curvature batch unless another is
-  given) and the *undamped* model in the denominator. Pass a held-out ``validation_batch``
-  when the gradient and curvature come from one small minibatch: :math:`\\rho` on the batch
-  the step was fitted to stays high while the step overfits it, the damping collapses and
-  training diverges (measured in ``benchmarks/RESULTS.md``). ``"gradient"``: losses on the
-  gradient batch over the damped model (hfjax 0.1).
+  given) and the *undamped* model in the denominator. ``"gradient"``: losses on the gradient
+  batch over the damped model. ``"auto"`` (the default): ``"martens"`` when ``update`` gets
+  a ``validation_batch``, else ``"gradient"``. Measured (``benchmarks/RESULTS.md``): with
+  the gradient and curvature on one small minibatch, :math:`\\rho` on the batch the step was
+  fitted to stays high while the step overfits it, the damping collapses and training
+  diverges; on a held-out ``validation_batch`` it stays stable. With a full-batch gradient
+  and no held-out batch, ``"gradient"`` trains the README's CURVES job to a loss of 113
+  where ``"martens"`` reaches 126 in the same 60 steps.
   """
 
   increase: float = 1.5
@@ -79,10 +82,10 @@ class DampingConfig(NamedTuple):
   high: float = 0.75
   minimum: float = 1e-8
   maximum: float = 1e8
-  ratio: Literal["gradient", "martens"] = "martens"
+  ratio: Literal["auto", "gradient", "martens"] = "auto"
 
   def _check(self) -> None:
-    _check_choice("damping.ratio", self.ratio, ("gradient", "martens"))
+    _check_choice("damping.ratio", self.ratio, ("auto", "gradient", "martens"))
     if not (self.increase > 1 and 0 < self.decrease < 1):
       raise ValueError(f"damping needs increase > 1 and 0 < decrease < 1, got {self}.")
     if not 0 < self.minimum <= self.maximum:
@@ -636,9 +639,12 @@ def _step_ratio(
   given) over the undamped model :math:`g^\\top d + \\frac12 d^\\top G d`. Returns
   :math:`\\rho` and ``chosen`` with the loss it may evaluate added to its count.
   """
-  if options.damping.ratio == "gradient":
-    return _reduction_ratio(problem.loss_before, f1, chosen.model_value), chosen
   batches = problem.batches
+  rule = options.damping.ratio
+  if rule == "auto":
+    rule = "martens" if batches.validation is not batches.curvature else "gradient"
+  if rule == "gradient":
+    return _reduction_ratio(problem.loss_before, f1, chosen.model_value), chosen
   f0 = problem.loss_before
   if batches.validation is not batches.gradient:
     f0 = problem.loss(optax.tree.zeros_like(chosen.direction), batches.validation)

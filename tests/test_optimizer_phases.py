@@ -278,3 +278,28 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner):
   assert counts == [1, 1, 1, 2, 2, 2, 3]
   np.testing.assert_array_equal(slots[0], slots[2])
   assert not np.array_equal(slots[2], slots[3])
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_auto_ratio_is_martens_with_a_validation_batch_else_gradient(held_out):
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  params = {
+    "w": jax.random.normal(jax.random.key(0), (3, 4)),
+    "v": jax.random.normal(jax.random.key(1), (4, 2)),
+  }
+  x = jax.random.normal(jax.random.key(2), (48, 3))
+  y = jax.random.normal(jax.random.key(3), (48, 2))
+  grads = jax.grad(lambda p: loss_fn(apply_fn(p, x[:32]), y[:32]))(params)
+  extra = {"validation_batch": (x[32:], y[32:])} if held_out else {}
+
+  def rho(ratio):
+    tx = hfjax.hessian_free(
+      apply_fn, loss_fn, preconditioner="none", damping=hfjax.DampingConfig(ratio=ratio)
+    )
+    _, state = tx.update(grads, tx.init(params), params, batch=(x[:32], y[:32]), **extra)
+    return float(state.info.rho)
+
+  expected = rho("martens" if held_out else "gradient")
+  assert rho("auto") == expected
+  assert rho("gradient") != rho("martens")
