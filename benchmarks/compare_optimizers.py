@@ -319,8 +319,8 @@ def hf_options(
 ) -> dict[str, Any]:
   """Keyword arguments for :func:`hfjax.hessian_free` from the flags that are set.
 
-  A dict given for ``damping`` or ``line_search`` becomes a :class:`hfjax.DampingConfig` or
-  :class:`hfjax.LineSearchConfig`.
+  A dict given for ``damping``, ``line_search`` or ``kfac`` becomes the matching
+  :class:`hfjax.DampingConfig`, :class:`hfjax.LineSearchConfig` or :class:`hfjax.KFACConfig`.
 
   Raises:
     ValueError: If the JSON is not an object, or names an option that a flag also sets.
@@ -337,7 +337,12 @@ def hf_options(
     if key in options:
       raise ValueError(f"{key} is set both by --hf_{key} and in --hf_options; set it once.")
     options[key] = value
-  for key, config in (("damping", hfjax.DampingConfig), ("line_search", hfjax.LineSearchConfig)):
+  configs = (
+    ("damping", hfjax.DampingConfig),
+    ("line_search", hfjax.LineSearchConfig),
+    ("kfac", hfjax.KFACConfig),
+  )
+  for key, config in configs:
     if isinstance(options.get(key), dict):
       options[key] = config(**options[key])
   return options

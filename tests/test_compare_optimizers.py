@@ -109,6 +109,8 @@ def test_hf_options_merge_flags_json_and_configs():
     "cg_tol": 1e-3,
     "preconditioner": "none",
   }
+  options = compare.hf_options('{"kfac": {"update_every": 3, "decay": 0.5}}')
+  assert options == {"kfac": hfjax.KFACConfig(update_every=3, decay=0.5)}
   with pytest.raises(ValueError, match="both"):
     compare.hf_options('{"max_cg_steps": 5}', max_cg_steps=10)
   with pytest.raises(ValueError, match="JSON object"):
