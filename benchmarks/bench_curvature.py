@@ -99,16 +99,7 @@ def main(argv: list[str]) -> None:
       ("Hessian per product / GN per product (slopes)", "hess_step", "gn_step"),
     ]
 
-  print(
-    "\n## ratios: median [min, max] of the ratio formed within each round; then the ratio of"
-    "\n## each variant's fastest time (least disturbed by other load)"
-  )
-  for label, numerator, denominator in rows:
-    values = [c[numerator] / c[denominator] for c in rounds]
-    print(
-      f"{label:<68} {common.median(values):6.3f} [{min(values):.3f}, {max(values):.3f}]"
-      f"  fastest: {fastest[numerator] / fastest[denominator]:.3f}"
-    )
+  common.print_ratios(rows, rounds, fastest, width=68)
 
   amortised = common.median([c["gn_step"] / c["grad_step"] for c in rounds])
   verdict = "met" if amortised <= 1.35 else "MISSED"

@@ -183,16 +183,7 @@ def main(argv: list[str]) -> None:
     ("kfac_apply per application (slope) / GN product per product (slope)", "kfac_step", "gn_step"),
   ]
   fastest = per_round({n: min(ts) for n, ts in samples.items()})
-  print(
-    "\n## ratios: median [min, max] of the ratio formed within each round; then the ratio of"
-    "\n## each variant's fastest time (least disturbed by other load)"
-  )
-  for label, numerator, denominator in rows:
-    values = [c[numerator] / c[denominator] for c in rounds]
-    print(
-      f"{label:<70} {common.median(values):6.3f} [{min(values):.3f}, {max(values):.3f}]"
-      f"  fastest: {fastest[numerator] / fastest[denominator]:.3f}"
-    )
+  common.print_ratios(rows, rounds, fastest, width=70)
   if _CG.value:
     _cg_steps(params, batch, layout, inverse, damping)
   if _DECOMPOSITIONS.value:

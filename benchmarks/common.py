@@ -163,6 +163,26 @@ def spread(samples: Sequence[float]) -> str:
   return f"{1e3 * median(samples):9.1f} [{1e3 * min(samples):.1f}, {1e3 * max(samples):.1f}]"
 
 
+def print_ratios(
+  rows: Sequence[tuple[str, str, str]],
+  rounds: Sequence[dict[str, float]],
+  fastest: dict[str, float],
+  width: int = 70,
+) -> None:
+  """Prints each ``(label, numerator, denominator)`` row as the median [min, max] of the
+  ratio formed within each round, then the ratio of the two fastest times."""
+  print(
+    "\n## ratios: median [min, max] of the ratio formed within each round; then the ratio of"
+    "\n## each variant's fastest time (least disturbed by other load)"
+  )
+  for label, numerator, denominator in rows:
+    values = [r[numerator] / r[denominator] for r in rounds]
+    print(
+      f"{label:<{width}} {median(values):6.3f} [{min(values):.3f}, {max(values):.3f}]"
+      f"  fastest: {fastest[numerator] / fastest[denominator]:.3f}"
+    )
+
+
 def machine_description() -> str:
   """One line with the date, host, core count and load, jax version and device."""
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
