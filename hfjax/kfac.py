@@ -298,11 +298,12 @@ def detect_output_loss(
     )
   kinds = _candidates(outputs) if loss == "auto" else (loss,)
   fits = {kind: _fit(kind, probe) for kind in kinds}
+  halves = {kind: _fit(kind, probe_two) for kind in kinds}
 
   def mismatch(kind: str) -> float:
     # One example cannot tell the kinds apart when it has a single output (every kind fits a
     # positive number), so the two-example probe, at other outputs, must agree too.
-    (one, one_error), (two, two_error) = fits[kind], _fit(kind, probe_two)
+    (one, one_error), (two, two_error) = fits[kind], halves[kind]
     return max(one_error, two_error, abs(2 * two - one) / max(abs(one), 1e-30))
 
   kind = min(kinds, key=mismatch)
@@ -325,7 +326,7 @@ def detect_output_loss(
       )
     warnings.warn(f"{message} Using {kind} with the least-squares scale {scale:.4g}.", stacklevel=2)
     return OutputLoss(kind, scale)
-  half, half_error = _fit(kind, probe_two)
+  half, half_error = halves[kind]
   if half_error >= _FIT_TOLERANCE or abs(2 * half - scale) > _FIT_TOLERANCE * scale:
     raise ValueError(
       f"loss_fn is not a mean over the batch of per-example {kind} losses: its output "
