@@ -66,6 +66,13 @@ def assert_statistics(apply_fn, params, inputs, layout, rtol=1e-5, atol=1e-5):
   return outputs, activations, cotangents
 
 
+def linen_layout(module, inputs):
+  """A linen module's params (initialised on ``inputs``), its apply_fn and its layout."""
+  params = module.init(jax.random.key(1), inputs)["params"]
+  apply_fn = models.make_apply_fn(module)
+  return params, apply_fn, layers.find_dense_layers(apply_fn, params, inputs)
+
+
 def assert_unmatched(layout, params, reasons):
   """The unmatched leaves of ``layout`` are those at the paths of ``reasons``, for these."""
   expected = sorted((leaf_index(params, path), f"{path}: {why}") for path, why in reasons.items())
@@ -197,9 +204,7 @@ class LinenMLP(nn.Module):
 def test_linen_mlp():
   model = LinenMLP()
   x = jax.random.normal(jax.random.key(0), (5, 7))
-  params = model.init(jax.random.key(1), x)["params"]
-  apply_fn = models.make_apply_fn(model)
-  layout = layers.find_dense_layers(apply_fn, params, x)
+  params, apply_fn, layout = linen_layout(model, x)
   index = functools.partial(leaf_index, params)
   assert layout.layers == (
     layers.DenseLayer(
@@ -230,9 +235,7 @@ def test_linen_mlp():
   ],
 )
 def test_project_models(model, names, inputs):
-  params = model.init(jax.random.key(1), inputs)["params"]
-  apply_fn = models.make_apply_fn(model)
-  layout = layers.find_dense_layers(apply_fn, params, inputs)
+  params, apply_fn, layout = linen_layout(model, inputs)
   index = functools.partial(leaf_index, params)
   assert layout.layers == tuple(
     layers.DenseLayer(
@@ -285,9 +288,7 @@ def test_nnx_model_through_split_and_merge():
 def test_sequence_inputs_through_dense():
   model = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(3)])
   x = jax.random.normal(jax.random.key(0), (4, 5, 7))  # (N, T, d)
-  params = model.init(jax.random.key(1), x)["params"]
-  apply_fn = models.make_apply_fn(model)
-  layout = layers.find_dense_layers(apply_fn, params, x)
+  params, apply_fn, layout = linen_layout(model, x)
   assert [(layer.path, layer.bias is not None) for layer in layout.layers] == [
     ("['layers_0']['kernel']", True),
     ("['layers_2']['kernel']", True),
@@ -301,9 +302,7 @@ def test_sequence_inputs_through_dense():
 def test_half_precision_dense_casts_are_seen_through():
   model = nn.Sequential([nn.Dense(6, dtype=jnp.bfloat16), nn.relu, nn.Dense(3)])
   x = jax.random.normal(jax.random.key(0), (4, 5))
-  params = model.init(jax.random.key(1), x)["params"]
-  apply_fn = models.make_apply_fn(model)
-  layout = layers.find_dense_layers(apply_fn, params, x)
+  params, apply_fn, layout = linen_layout(model, x)
   assert [layer.bias is not None for layer in layout.layers] == [True, True]
   outputs, activations, backward = layers.layer_statistics(apply_fn, params, x, layout)
   np.testing.assert_array_equal(outputs, apply_fn(params, x))
@@ -478,9 +477,7 @@ class ConvNet(nn.Module):
 def test_convolution_kernel_falls_back_and_dense_head_is_matched():
   model = ConvNet()
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-  params = model.init(jax.random.key(1), x)["params"]
-  apply_fn = models.make_apply_fn(model)
-  layout = layers.find_dense_layers(apply_fn, params, x)
+  params, apply_fn, layout = linen_layout(model, x)
   index = functools.partial(leaf_index, params)
   assert layout.layers == (
     layers.DenseLayer(
