@@ -25,29 +25,51 @@ warm start and the L-BFGS memory) over a second mesh axis ``"model"``::
   mesh = hfjax.sharding.make_mesh((4, 2), ("data", "model"))
   param_shardings = hfjax.sharding.param_sharding(params, mesh, shard_params=True)
   state_shardings = hfjax.sharding.state_sharding(opt_state, params, mesh, shard_params=True)
-  params = jax.device_put(params, param_shardings)
-  opt_state = jax.device_put(opt_state, state_shardings)
+  params = hfjax.sharding.place(params, param_shardings)
+  opt_state = hfjax.sharding.place(opt_state, state_shardings)
   step = jax.jit(train_step, out_shardings=(param_shardings, state_shardings))
 
-Several hosts: call ``jax.distributed.initialize()`` first on every host (it finds the
-coordinator on TPU pods and SLURM/Open MPI clusters; elsewhere pass
-``coordinator_address``, ``num_processes`` and ``process_id``). Then ``jax.devices()`` lists
-the devices of all hosts, and :func:`make_mesh`, :func:`replicate` and the jitted step are
-the same calls on every host. :func:`shard_batch` takes the *global* batch, identical on every
-host (each host keeps only its own shards). When each host loads its own share of the data
-instead, build the global array from the per-host pieces with
-``jax.make_array_from_process_local_data(batch_sharding(mesh), local_leaf)`` for each leaf;
-the global batch size is then the local one times ``jax.process_count()``.
+Several processes (JAX's multi-controller runtime: one process per host, or per GPU): call
+``jax.distributed.initialize()`` first in every process (it finds the coordinator on TPU pods
+and under SLURM or Open MPI; elsewhere pass ``coordinator_address``, ``num_processes`` and
+``process_id``). Then ``jax.devices()`` lists the devices of all processes, and every process
+runs the same program: :func:`make_mesh`, :func:`replicate` (and :func:`place`) and the jitted
+step are the same calls as above. Each process builds only the shards on its own devices (a
+global array cannot be ``jax.device_put`` from one process), so what it passes must be the same
+on every process: the same initial parameters (the same seed) and state; :func:`replicate` and
+:func:`place` check that, and raise naming the leaves that differ. The batch comes in either
+of two forms:
+
+- the *global* batch, identical on every process: :func:`shard_batch` (the call above), each
+  process keeping only its own examples;
+- each process's own share, loaded by that process only: :func:`shard_local_batch`, which
+  joins the shares along the example axis in the order of the processes' places on the
+  ``"data"`` axis (process 0's first for the mesh of :func:`make_mesh`). The global batch
+  size is then the local one times the number of processes along ``"data"``
+  (``jax.process_count()`` for the mesh of :func:`make_mesh`)::
+
+    jax.distributed.initialize()
+    mesh = hfjax.sharding.make_mesh()
+    params = hfjax.sharding.replicate(init_params(seed=0), mesh)  # same seed everywhere
+    for inputs, targets in my_share_of_the_batches(jax.process_index(), jax.process_count()):
+      batch = hfjax.sharding.shard_local_batch((inputs, targets), mesh)
+      params, opt_state = step(params, opt_state, batch)
+
+Results come back as global arrays: a replicated one is read on any process with
+``np.asarray(x.addressable_data(0))``, a sharded one with
+``jax.experimental.multihost_utils.process_allgather``; only one process should write files.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -97,12 +119,39 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def _local_data_size(mesh: Mesh) -> int:
+  """How many places on the ``"data"`` axis hold devices of this process (all, with one)."""
+  axis = mesh.axis_names.index(DATA_AXIS)
+  here = jax.process_index()
+  return len(
+    {index[axis] for index, device in np.ndenumerate(mesh.devices) if device.process_index == here}
+  )
+
+
+def _check_batch(batch: Any, parts: int, what: str) -> None:
+  """Every leaf of ``batch`` has a leading example axis that ``parts`` divides."""
+  leaves_with_paths = jax.tree_util.tree_leaves_with_path(batch)
+  if not leaves_with_paths:
+    raise ValueError("batch is empty: it holds no arrays.")
+  for path, leaf in leaves_with_paths:
+    shape = np.shape(leaf)
+    name = f"batch leaf {jax.tree_util.keystr(path)}" if path else "batch"
+    if not shape:
+      raise ValueError(f"{name} is a scalar; it needs a leading example axis.")
+    if shape[0] % parts:
+      raise ValueError(
+        f"{name} has {shape[0]} examples, not divisible by the {parts} {what}; pad or drop "
+        "examples, or choose a batch size that divides."
+      )
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Places every leaf of ``batch`` with its examples split over the ``"data"`` axis.
 
   Args:
     batch: a pytree of arrays with a common leading example axis, e.g. ``(inputs, targets)``;
-      the global batch (the same on every host).
+      the global batch, the same on every process (each process keeps only the examples of
+      its own devices; to pass only those, use :func:`shard_local_batch`).
     mesh: from :func:`make_mesh`.
 
   Returns:
@@ -113,26 +162,134 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
       ``"data"`` axis size (pad or drop examples, or pick batch sizes that divide).
   """
   data = _data_size(mesh)
+  _check_batch(batch, data, f"devices of the {DATA_AXIS!r} axis")
+  return _put_tree(batch, batch_sharding(mesh))
+
+
+def shard_local_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """The global batch made of every process's own share, split over the ``"data"`` axis.
+
+  Each process passes only the examples it loaded, and gets the same global arrays as
+  :func:`shard_batch` of all shares joined along the example axis, in the order of the
+  processes' places on the ``"data"`` axis. With one process, the same as :func:`shard_batch`.
+  Built with ``jax.make_array_from_process_local_data``: no example leaves its process.
+
+  Args:
+    local_batch: a pytree of arrays with a common leading example axis: this process's share,
+      with as many examples on every process (processes that share places on ``"data"``,
+      e.g. along a ``"model"`` axis that spans them, pass the same share).
+    mesh: from :func:`make_mesh`.
+
+  Returns:
+    Global ``jax.Array``\\ s sharded by :func:`batch_sharding`, whose leading axis is the
+    local one times the number of processes along ``"data"``.
+
+  Raises:
+    ValueError: when a leaf has no leading axis or its size is not a multiple of the number
+      of this process's places on the ``"data"`` axis.
+  """
+  _data_size(mesh)
+  local = _local_data_size(mesh)
+  _check_batch(local_batch, local, f"devices of this process on the {DATA_AXIS!r} axis")
   sharding = batch_sharding(mesh)
-  leaves_with_paths = jax.tree_util.tree_leaves_with_path(batch)
-  if not leaves_with_paths:
-    raise ValueError("batch is empty: it holds no arrays.")
-  for path, leaf in leaves_with_paths:
-    shape = np.shape(leaf)
-    name = f"batch leaf {jax.tree_util.keystr(path)}" if path else "batch"
-    if not shape:
-      raise ValueError(f"{name} is a scalar; it needs a leading example axis.")
-    if shape[0] % data:
-      raise ValueError(
-        f"{name} has {shape[0]} examples, not divisible by the {data} devices of the "
-        f"{DATA_AXIS!r} axis; pad or drop examples, or choose a batch size that divides."
-      )
-  return jax.device_put(batch, sharding)
+  return jax.tree.map(
+    lambda leaf: jax.make_array_from_process_local_data(sharding, leaf), local_batch
+  )
+
+
+def _is_key(leaf: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def _host_copy(leaf: Any) -> np.ndarray:
+  """This process's copy of ``leaf`` as a NumPy array of JAX's dtype for it (key data for keys)."""
+  if _is_key(leaf):
+    leaf = jax.random.key_data(leaf)
+  host = np.asarray(leaf)
+  return host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+
+
+def _put(leaf: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """``jax.device_put(leaf, sharding)`` for a sharding over the devices of several processes.
+
+  There ``jax.device_put`` refuses committed arrays (the output of a jitted step) and PRNG
+  keys. Instead each process builds the shards of its own devices from its copy of ``leaf``
+  (which must be the same on every process), with no transfer between processes.
+  """
+  if sharding.is_fully_addressable or (
+    isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+  ):
+    # Only this process's devices, or a global array already: a transfer or a reshard.
+    return jax.device_put(leaf, sharding)
+  host = _host_copy(leaf)
+  array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  if _is_key(leaf):
+    return jax.random.wrap_key_data(array, impl=jax.random.key_impl(leaf))
+  return array
+
+
+def _put_tree(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` with one process, :func:`_put` per leaf with several."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda leaf: _put(leaf, shardings), tree)
+  return jax.tree.map(_put, tree, shardings)
+
+
+def _check_same_on_every_process(tree: Any) -> None:
+  """Raises unless every process holds bitwise the same leaves (one small all-gather).
+
+  Replicas that differ (parameters initialised from another seed on each host) would run
+  without error and silently train a different model on each device.
+  """
+  leaves_with_paths = [
+    (path, leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if not (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
+  ]
+  checksums = np.array(
+    [zlib.crc32(np.ascontiguousarray(_host_copy(leaf)).tobytes()) for _, leaf in leaves_with_paths],
+    dtype=np.uint32,
+  )
+  everywhere = np.asarray(multihost_utils.process_allgather(checksums))
+  differ = [
+    jax.tree_util.keystr(path)
+    for (path, _), column in zip(leaves_with_paths, everywhere.T, strict=True)
+    if np.any(column != column[0])
+  ]
+  if differ:
+    raise ValueError(
+      f"leaves {', '.join(differ) or '(the root)'} differ between processes; every process "
+      "must pass the same values (e.g. initialise the parameters from the same seed)."
+    )
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` that also works with several processes.
+
+  Args:
+    tree: a pytree of arrays (PRNG keys included), the same on every process.
+    shardings: one :class:`~jax.sharding.Sharding` for every leaf, or a pytree of them with
+      the structure of ``tree`` (from :func:`param_sharding` or :func:`state_sharding`).
+
+  Returns:
+    ``tree`` as global ``jax.Array``\\ s with those shardings.
+
+  Raises:
+    ValueError: with several processes, when a leaf is not the same on every process.
+  """
+  if jax.process_count() > 1:
+    _check_same_on_every_process(tree)
+  return _put_tree(tree, shardings)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """A full copy of every leaf of ``tree`` on every device of ``mesh`` (PRNG keys included)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """A full copy of every leaf of ``tree`` on every device of ``mesh`` (PRNG keys included).
+
+  With several processes, ``tree`` must be the same on every process (see :func:`place`).
+  """
+  return place(tree, NamedSharding(mesh, P()))
 
 
 def _spec(shape: tuple[int, ...], model: int) -> P:
@@ -160,8 +317,8 @@ def param_sharding(params: Any, mesh: Mesh, shard_params: bool = False) -> Any:
       stay replicated.
 
   Returns:
-    Shardings with the structure of ``params``, for ``jax.device_put`` or ``jax.jit``'s
-    ``in_shardings`` / ``out_shardings``.
+    Shardings with the structure of ``params``, for :func:`place` (``jax.device_put`` with one
+    process) or ``jax.jit``'s ``in_shardings`` / ``out_shardings``.
   """
   model = _model_size(mesh, shard_params)
   return jax.tree.map(lambda leaf: NamedSharding(mesh, _spec(np.shape(leaf), model)), params)

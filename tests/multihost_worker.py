@@ -1,0 +1,137 @@
+"""One process of the several-process run of tests/test_multihost.py (and its reference).
+
+Started as ``python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT``: the
+process takes ``DEVICES_PER_PROCESS`` CPU devices, joins the others through
+``jax.distributed.initialize`` on ``localhost:PORT`` with gloo CPU collectives, and runs
+``STEPS`` jitted Hessian-free steps of the toy regression problem with the batch split over
+the devices of all processes, for each case of ``CASES``. Process 0 writes the final
+parameters and the per-step trace of each case, and the messages of the bad calls, to the
+``.npz`` file ``OUT``. Imported by the test, :func:`train` gives the one-device reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import numpy as np
+
+DEVICES_PER_PROCESS = 4
+STEPS = 3
+BATCH = 64  # global examples per step
+MAX_CG_STEPS = 30
+# (name, preconditioner, batch form): "local" loads this process's share and calls
+# shard_local_batch; "global" loads every example and calls shard_batch.
+CASES = (
+  ("kfac_local", "kfac", "local"),
+  ("kfac_global", "kfac", "global"),
+  ("lbfgs_local", "lbfgs", "local"),
+)
+
+
+def load_examples(step: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+  """Examples ``start:stop`` of the batch of ``step``; each drawn from its own seed, so a
+  process can load its share without the others."""
+  inputs = np.stack(
+    [np.random.default_rng((step, index)).normal(size=4) for index in range(start, stop)]
+  ).astype(np.float32)
+  targets = np.stack([np.sin(inputs[:, 0]), inputs[:, 1] * inputs[:, 2]], axis=-1)
+  return inputs, targets
+
+
+@functools.cache
+def optimizer(preconditioner: str):
+  """The transformation and its jitted step, made once per process so that cases with the
+  same preconditioner and shardings share one compilation."""
+  import toy
+
+  import hfjax
+
+  tx = hfjax.hessian_free(
+    toy.apply_fn, toy.loss_fn, preconditioner=preconditioner, max_cg_steps=MAX_CG_STEPS
+  )
+  return tx, toy.make_step(tx)
+
+
+def train(preconditioner: str, put_batch=None, put_tree=None) -> tuple[dict, list]:
+  """``STEPS`` outer steps; returns the final parameters and (damping, CG steps, accepted)
+  of each step, read on this process. ``put_batch(step)`` gives the batch of ``step`` on the
+  devices and ``put_tree`` places the parameters and state; ``None``: one device."""
+  import toy
+
+  tx, step_fn = optimizer(preconditioner)
+  params = toy.init_params(0)
+  state = tx.init(params)
+  if put_tree is not None:
+    params, state = put_tree(params), put_tree(state)
+  trace = []
+  for step in range(STEPS):
+    batch = load_examples(step, 0, BATCH) if put_batch is None else put_batch(step)
+    params, state = step_fn(params, state, batch, batch)
+    info = jax.tree.map(_read, (state.damping, state.info.cg_steps, state.info.accepted))
+    trace.append((float(info[0]), int(info[1]), bool(info[2])))
+  return jax.tree.map(_read, params), trace
+
+
+def _read(x: jax.Array) -> np.ndarray:
+  """This process's copy of a replicated global array."""
+  return np.asarray(x.addressable_data(0))
+
+
+def _message(call) -> str:
+  try:
+    call()
+  except ValueError as err:
+    return str(err)
+  return ""
+
+
+def main(process_id: int, num_processes: int, port: int, out: str) -> None:
+  jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=f"localhost:{port}", num_processes=num_processes, process_id=process_id
+  )
+  from hfjax import sharding
+
+  assert jax.process_count() == num_processes
+  assert jax.device_count() == num_processes * DEVICES_PER_PROCESS
+  mesh = sharding.make_mesh()
+  share = BATCH // num_processes
+  forms = {
+    "local": lambda step: sharding.shard_local_batch(
+      load_examples(step, process_id * share, (process_id + 1) * share), mesh
+    ),
+    "global": lambda step: sharding.shard_batch(load_examples(step, 0, BATCH), mesh),
+  }
+  results = {}
+  for name, preconditioner, form in CASES:
+    params, trace = train(preconditioner, forms[form], lambda tree: sharding.replicate(tree, mesh))
+    results.update({f"{name}/{key}": value for key, value in params.items()})
+    results[f"{name}/trace"] = np.array(trace, dtype=np.float64)
+
+  # What jax.device_put refuses onto other processes' devices: a committed array (as a
+  # jitted step returns) and a PRNG key.
+  committed = jax.device_put((np.arange(3.0), jax.random.key(1)), jax.local_devices()[0])
+  placed = sharding.replicate(committed, mesh)
+  results["committed"] = _read(placed[0])
+  results["committed_key_data"] = _read(jax.random.key_data(placed[1]))
+  # The batch really is global, each process holding only its own examples.
+  batch = sharding.shard_local_batch(
+    load_examples(0, process_id * share, (process_id + 1) * share), mesh
+  )
+  results["local_rows"] = np.array([shard.data.shape[0] for shard in batch[0].addressable_shards])
+  results["global_shape"] = np.array(batch[0].shape)
+  results["error_differ"] = np.array(
+    _message(lambda: sharding.replicate({"w": np.full(3, process_id, np.float32)}, mesh))
+  )
+  results["error_local"] = np.array(
+    _message(lambda: sharding.shard_local_batch(load_examples(0, 0, 6), mesh))
+  )
+  if process_id == 0:
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
