@@ -3,7 +3,7 @@ r"""CG steps per outer HF step, by preconditioner and damping, from a point off 
 Usage::
 
   python -m benchmarks.bench_preconditioners [--dampings=45,1,0.1] \
-    [--preconditioners=none,martens,lbfgs,kfac,kfac+lbfgs] [--num_train=20000]
+    [--preconditioners=none,martens,lbfgs,kfac,kfac:exact,kfac+lbfgs] [--num_train=20000]
 
 The MNIST-sized deep autoencoder (784-1000-500-250-30, mirrored; Martens' sparse
 initialisation; sigmoid cross-entropy summed over pixels) is first trained with Adam for
@@ -11,7 +11,8 @@ initialisation; sigmoid cross-entropy summed over pixels) is first trained with 
 From that point every (damping, preconditioner) pair takes one ``hfjax.hessian_free`` step
 from a fresh state (``initial_damping`` = the damping): the gradient on the whole training
 set, the Gauss-Newton products on its first ``--curvature_batch`` images, CG to Martens'
-stopping rule (capped at ``--max_cg_steps``), then CG backtracking and the line search. The
+stopping rule (capped at ``--max_cg_steps``), then CG backtracking and the line search
+(``kfac:exact`` is ``preconditioner="kfac"`` with ``KFACConfig(tikhonov="exact")``). The
 table gives the CG steps, the training loss after the step, and the time of the step
 relative to the first row's (one jitted program each, run once after compilation; the
 machine is shared, so only compare times within one run).
@@ -32,7 +33,9 @@ from hfjax.experiments import datasets, models
 
 _DAMPINGS = flags.DEFINE_list("dampings", ["45", "1", "0.1"], "Levenberg-Marquardt lambdas.")
 _PRECONDITIONERS = flags.DEFINE_list(
-  "preconditioners", ["none", "martens", "lbfgs", "kfac", "kfac+lbfgs"], "Preconditioners."
+  "preconditioners",
+  ["none", "martens", "lbfgs", "kfac", "kfac:exact", "kfac+lbfgs", "kfac+lbfgs:exact"],
+  "Preconditioners; a K-FAC one may end in ':exact' or ':factored' (KFACConfig.tikhonov).",
 )
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 20000, "Generated CURVES training images.")
 _CURVATURE_BATCH = flags.DEFINE_integer("curvature_batch", 1000, "Curvature batch size.")
@@ -79,10 +82,12 @@ def main(argv: list[str]) -> None:
   for damping in map(float, _DAMPINGS.value):
     first = None
     for name in _PRECONDITIONERS.value:
+      preconditioner, _, tikhonov = name.partition(":")
       tx = hfjax.hessian_free(
         apply_fn,
         loss_fn,
-        preconditioner=name,
+        preconditioner=preconditioner,
+        kfac=hfjax.KFACConfig(tikhonov=tikhonov or "factored"),
         initial_damping=damping,
         max_cg_steps=_MAX_CG_STEPS.value,
       )

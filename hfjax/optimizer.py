@@ -125,17 +125,23 @@ class KFACConfig(NamedTuple):
     loss: the output loss whose curvature the sampled cotangents follow: ``"auto"`` probes
       ``loss_fn`` (:func:`hfjax.kfac.detect_output_loss`), or one of
       ``hfjax.kfac.LOSS_KINDS``.
+    tikhonov: how the damping enters the blocks (:func:`hfjax.kfac.kfac_inverse`):
+      ``"factored"`` (Cholesky inverses damped at each refresh) or ``"exact"``
+      (:math:`(A \\otimes G + \\lambda I)^{-1}` through eigendecompositions, damped with
+      each step's :math:`\\lambda` even between refreshes).
   """
 
   update_every: int = 1
   decay: float = 0.0
   loss: str = "auto"
+  tikhonov: str = "factored"
 
   def _check(self) -> None:
     _positive_int("kfac.update_every", self.update_every)
     if not 0 <= self.decay < 1:
       raise ValueError(f"kfac.decay must be in [0, 1), got {self.decay!r}.")
     _check_choice("kfac.loss", self.loss, ("auto", *kfac.LOSS_KINDS))
+    _check_choice("kfac.tikhonov", self.tikhonov, kfac.TIKHONOV_KINDS)
 
 
 def _config(name: str, value: Any, kind: type) -> Any:
@@ -472,7 +478,14 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
       loss=options.kfac.loss,
       chunk_size=options.chunk_size,
     )
-    return kfac.kfac_state_update(running, new, problem.damping, layout, decay=options.kfac.decay)
+    return kfac.kfac_state_update(
+      running,
+      new,
+      problem.damping,
+      layout,
+      decay=options.kfac.decay,
+      tikhonov=options.kfac.tikhonov,
+    )
 
   running = state.preconditioner
   if options.kfac.update_every == 1:
@@ -481,15 +494,22 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
   return jax.lax.cond(due, refresh, lambda r: r, running), layout
 
 
+def _kfac_state_preconditioner(options, problem, running, layout) -> Callable[[Any], Any]:
+  return kfac.kfac_state_preconditioner(
+    running, layout, problem.damping, tikhonov=options.kfac.tikhonov
+  )
+
+
 def _kfac(options, problem, state) -> _Preconditioning:
   running, layout = _kfac_running(options, problem, state)
-  return _Preconditioning(kfac.kfac_state_preconditioner(running, layout), state=running)
+  precondition = _kfac_state_preconditioner(options, problem, running, layout)
+  return _Preconditioning(precondition, state=running)
 
 
 def _kfac_lbfgs(options, problem, state) -> _Preconditioning:
   """Sainath et al.'s L-BFGS refining the K-FAC inverse, its initial matrix."""
   running, layout = _kfac_running(options, problem, state)
-  initial = kfac.kfac_state_preconditioner(running, layout)
+  initial = _kfac_state_preconditioner(options, problem, running, layout)
   return _lbfgs(options, problem, state)._replace(initial=initial, state=running)
 
 

@@ -1,6 +1,5 @@
 """K-FAC factors, damped inverse and preconditioner against closed forms and dense references."""
 
-import functools
 import warnings
 
 import chex
@@ -288,8 +287,9 @@ def hand_vector(rng):
   }
 
 
+@pytest.mark.parametrize("tikhonov", kfac.TIKHONOV_KINDS)
 @pytest.mark.parametrize("damping", [0.0, 1e-3, 0.5])
-def test_apply_matches_dense_solve_with_the_damped_kronecker_matrix(x64, damping):
+def test_apply_matches_dense_solve_with_the_damped_kronecker_matrix(x64, damping, tikhonov):
   rng = np.random.default_rng(4)
   # G of the first layer 100x larger than A: pi far from 1.
   a0, g0 = random_spd(5, rng), random_spd(3, rng, 100.0)
@@ -303,20 +303,46 @@ def test_apply_matches_dense_solve_with_the_damped_kronecker_matrix(x64, damping
   )
   v = jax.tree.map(jnp.asarray, hand_vector(rng))
   layout = hand_layout()
-  z = jax.jit(lambda f, v: kfac.kfac_preconditioner(f, damping, layout)(v))(factors, v)
+  precondition = lambda f, v: kfac.kfac_preconditioner(f, damping, layout, tikhonov=tikhonov)(v)
+  z = jax.jit(precondition)(factors, v)
 
   def damped_solve(a, g, rhs):
+    if tikhonov == "exact":  # (A (x) G + lambda I)^-1
+      return np.linalg.solve(np.kron(a, g) + damping * np.eye(len(a) * len(g)), rhs)
     pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
     root = np.sqrt(damping)
     matrix = np.kron(a + pi * root * np.eye(len(a)), g + root / pi * np.eye(len(g)))
     return np.linalg.solve(matrix, rhs)
 
+  rtol = {"factored": 1e-9, "exact": 1e-8}[tikhonov]  # eigh is a little less accurate
   want0 = damped_solve(a0, g0, np.concatenate([v["a"]["kernel"], v["a"]["bias"][None]]).ravel())
   got0 = np.concatenate([z["a"]["kernel"], z["a"]["bias"][None]]).ravel()
-  np.testing.assert_allclose(got0, want0, rtol=1e-9)
+  np.testing.assert_allclose(got0, want0, rtol=rtol)
   want1 = damped_solve(a1, g1, np.asarray(v["b"]["kernel"]).T.ravel())
-  np.testing.assert_allclose(np.asarray(z["b"]["kernel"]).T.ravel(), want1, rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(z["b"]["kernel"]).T.ravel(), want1, rtol=rtol)
   np.testing.assert_allclose(z["scale"], v["scale"] / (diagonal + damping), rtol=1e-12)
+
+
+def test_exact_tikhonov_stays_finite_without_curvature_and_checks_its_options():
+  factors = kfac.KFACFactors(
+    a_factors=(jnp.ones((5, 5)), jnp.eye(3)),
+    g_factors=(jnp.zeros((3, 3)), jnp.eye(2)),
+    diagonal=(jnp.zeros(5),),
+    count=jnp.ones((), jnp.int32),
+  )
+  v = jax.tree.map(jnp.asarray, hand_vector(np.random.default_rng(1)))
+  for damping in (0.0, 1e-2):
+    z = kfac.kfac_preconditioner(factors, damping, hand_layout(), tikhonov="exact")(v)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(z))
+  # G = 0: the block is lambda I, so the kernel is divided by lambda.
+  z = kfac.kfac_preconditioner(factors, 1e-2, hand_layout(), tikhonov="exact")(v)
+  np.testing.assert_allclose(z["a"]["kernel"], v["a"]["kernel"] / 1e-2, rtol=1e-4)
+  with pytest.raises(ValueError, match="tikhonov"):
+    kfac.kfac_inverse(factors, 1.0, tikhonov="eigen")
+  with pytest.raises(ValueError, match="needs the damping"):
+    kfac.kfac_state_preconditioner(
+      kfac.kfac_state_init(hand_vector(np.random.default_rng(0))), hand_layout(), tikhonov="exact"
+    )
 
 
 def test_inverse_stays_finite_without_curvature():
@@ -348,23 +374,32 @@ def test_apply_rejects_a_layout_that_does_not_cover_the_vector():
 # --- The preconditioner in CG -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tikhonov, damping", [("factored", 0.0), ("exact", 0.0), ("exact", 0.3)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_cg_with_exact_kronecker_factors_converges_in_one_step(x64, transposed):
+def test_cg_with_exact_kronecker_factors_converges_in_one_step(x64, transposed, tikhonov, damping):
   apply_fn, params, batch = linear_problem(transposed)
   layout = layers.find_dense_layers(apply_fn, params, batch[0])
   factors = factors_of(apply_fn, mean_l2_loss, params, batch, jax.random.key(0))
   # The expectation of G for squared error is c I exactly; with it, A (x) G is the
-  # Gauss-Newton matrix itself and the undamped K-FAC inverse is its inverse.
+  # Gauss-Newton matrix itself and the undamped K-FAC inverse is its inverse; the exactly
+  # damped one is the inverse of the damped matrix too (factored damping's cross terms make
+  # it only an approximation of that).
   factors = factors._replace(g_factors=(jnp.eye(3) / 3,))
   matvec, _ = hfjax.gauss_newton_matvec(apply_fn, mean_l2_loss, params, batch)
+  damped = lambda v: jax.tree.map(lambda gv, x: gv + damping * x, matvec(v), v)
   b = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(5).standard_normal(p.shape)), params)
-  precond = functools.partial(kfac.kfac_apply, inverse_of(factors, 0.0), layout=layout)
-  solve = lambda pre: hfjax.cg(matvec, b, preconditioner=pre, residual_tol=1e-10, tol=0.0)
-  result = solve(precond)
+  solve = lambda pre: hfjax.cg(
+    damped, b, preconditioner=pre, residual_tol=1e-10, tol=0.0, max_steps=50
+  )
+  result = solve(kfac.kfac_preconditioner(factors, damping, layout, tikhonov=tikhonov))
   assert int(result.num_steps) == 1
-  want = np.linalg.solve(materialise(jax.jit(matvec), params, transposed), stacked(b, transposed))
+  dense = materialise(jax.jit(matvec), params, transposed)
+  want = np.linalg.solve(dense + damping * np.eye(len(dense)), stacked(b, transposed))
   np.testing.assert_allclose(stacked(result.x, transposed), want, rtol=1e-8)
   assert int(solve(None).num_steps) >= 5
+  if damping:
+    factored = kfac.kfac_preconditioner(factors, damping, layout, tikhonov="factored")
+    assert int(solve(factored).num_steps) >= 2
 
 
 # --- Moving average, jit, dtypes, fallbacks ---------------------------------------------------
@@ -514,7 +549,8 @@ def _mixed_model():
   return apply_fn, params
 
 
-def test_state_preconditioner_matches_averaged_factors():
+@pytest.mark.parametrize("tikhonov", kfac.TIKHONOV_KINDS)
+def test_state_preconditioner_matches_averaged_factors(tikhonov):
   apply_fn, params = _mixed_model()
   loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
   x = jax.random.normal(jax.random.key(2), (64, 5))
@@ -524,18 +560,20 @@ def test_state_preconditioner_matches_averaged_factors():
     first = kfac.kfac_factors(apply_fn, loss_fn, params, (x, y), jax.random.key(4), layout=layout)
     second = kfac.kfac_factors(apply_fn, loss_fn, params, (x, y), jax.random.key(5), layout=layout)
   state = kfac.kfac_state_init(params)
-  state = kfac.kfac_state_update(state, first, 0.3, layout, decay=0.8)
-  state = kfac.kfac_state_update(state, second, 0.3, layout, decay=0.8)
+  for new in (first, second):
+    state = kfac.kfac_state_update(state, new, 0.3, layout, decay=0.8, tikhonov=tikhonov)
   assert int(state.num_estimates) == 2
   # Reference: the layout-form moving average, then its preconditioner.
   averaged = kfac.kfac_update_factors(
     kfac.kfac_update_factors(kfac.kfac_init(params, layout), first, 0.8), second, 0.8
   )
-  expected = kfac.kfac_preconditioner(averaged, 0.3, layout)
   v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(6), p.shape), params)
-  chex.assert_trees_all_close(
-    kfac.kfac_state_preconditioner(state, layout)(v), expected(v), rtol=1e-5, atol=1e-6
-  )
+  # Refreshed at 0.3; the exact form re-damps its eigenbases at any later damping.
+  for damping in (0.3,) if tikhonov == "factored" else (0.3, 0.05):
+    expected = kfac.kfac_preconditioner(averaged, damping, layout, tikhonov=tikhonov)
+    got = kfac.kfac_state_preconditioner(state, layout, damping, tikhonov=tikhonov)
+    tol = {"factored": (1e-5, 1e-6), "exact": (1e-4, 1e-5)}[tikhonov]
+    chex.assert_trees_all_close(got(v), expected(v), rtol=tol[0], atol=tol[1])
 
 
 def test_state_update_ignores_non_finite_estimates():

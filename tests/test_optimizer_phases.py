@@ -243,8 +243,11 @@ def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
     assert state.preconditioner is None
 
 
-@pytest.mark.parametrize("preconditioner", ["kfac", "kfac+lbfgs"])
-def test_kfac_factors_refresh_every_k_steps(preconditioner):
+@pytest.mark.parametrize(
+  "preconditioner, tikhonov",
+  [("kfac", "factored"), ("kfac+lbfgs", "factored"), ("kfac", "exact"), ("kfac+lbfgs", "exact")],
+)
+def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
   def apply_fn(p, x):
     return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
 
@@ -260,7 +263,7 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner):
     apply_fn,
     loss_fn,
     preconditioner=preconditioner,
-    kfac=hfjax.KFACConfig(update_every=3, decay=0.5),
+    kfac=hfjax.KFACConfig(update_every=3, decay=0.5, tikhonov=tikhonov),
     initial_damping=1.0,
   )
   state = tx.init(params)
@@ -274,8 +277,15 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner):
     params = optax.apply_updates(params, updates)
     counts.append(int(state.preconditioner.num_estimates))
     slots.append(np.asarray(state.preconditioner.factors[2][1]))  # G of the first layer
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
   # Refreshed at steps 0, 3 and 6 only; between refreshes the factors stay put.
   assert counts == [1, 1, 1, 2, 2, 2, 3]
+  if tikhonov == "exact":  # the state holds the eigendecomposition of the averaged G
+    g = slots[-1][:4, :4]
+    values = np.asarray(state.preconditioner.eigenvalues[2][1])[:4]
+    vectors = np.asarray(state.preconditioner.inverse_factors[2][1])[:4, :4]
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(g), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, g, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(slots[0], slots[2])
   assert not np.array_equal(slots[2], slots[3])
 
