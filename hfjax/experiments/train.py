@@ -18,6 +18,17 @@ this module holds the loop, :func:`train_and_evaluate`. The run writes to the wo
 - ``checkpoints/``: with ``checkpoint_every > 0``, and always on Ctrl-C (``--resume`` goes on
   from the newest one).
 
+Crash safety: a run killed at any moment (SIGKILL, a power cut) and restarted with
+``--resume`` ends with the same per-step training losses, bit for bit, as one that never
+stopped, redoing at most ``checkpoint_every`` steps. Orbax writes each checkpoint into a
+temporary directory and renames it when complete, and only complete ones are restored; the
+records of a step reach ``metrics.jsonl`` (whole lines, flushed to disk) before its
+checkpoint is written, and on ``--resume`` the records after the restored step, and a torn
+last line, are dropped before training goes on. ``summary.json`` and ``loss.png`` are
+written to a temporary file and renamed. ``--resume`` with no checkpoint yet (killed before
+the first one) starts from step 0, saying so on stderr, so that a job can always be relaunched
+with the same command line.
+
 Definitions used in the records:
 
 - ``wall_time``: seconds spent training, excluding evaluation and XLA compilation (each new
@@ -45,8 +56,11 @@ Definitions used in the records:
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import pathlib
+import signal
 import sys
 import time
 from typing import Any
@@ -114,16 +128,49 @@ def _enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+# Test hook (tests/test_crash_safety.py): HFJAX_CRASH_AT="<point>:<n>" kills this process with
+# SIGKILL the n-th time it reaches <point>, one of "step" (a step taken, its record not yet
+# written), "evaluation" (halfway through an evaluation) or "records" (records written, the
+# checkpoint not yet). An outside kill cannot aim at these moments reliably.
+_CRASH_AT = os.environ.get("HFJAX_CRASH_AT", "")
+_reached = collections.Counter()
+
+
+def _crash_point(point: str) -> None:
+  if _CRASH_AT:
+    _reached[point] += 1
+    if _CRASH_AT == f"{point}:{_reached[point]}":
+      os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _read_metrics(path: pathlib.Path, up_to_step: int | None = None) -> list[dict]:
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  text = path.read_text()
+  # A line without its newline is the torn tail of a write that was killed.
+  lines = text.splitlines()[: text.count("\n")]
+  records = [json.loads(line) for line in lines if line.strip()]
   return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The records of ``<workdir>/metrics.jsonl``."""
+  """The records of ``<workdir>/metrics.jsonl`` (a torn last line, from a kill, is left out)."""
   return _read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+
+
+def _write_atomically(path: pathlib.Path, write: Any) -> None:
+  """``write(tmp)`` to a temporary file beside ``path``, then renamed: never half a file."""
+  tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells matplotlib PNG
+  write(tmp)
+  with tmp.open("rb+") as file:
+    os.fsync(file.fileno())
+  os.replace(tmp, path)
+
+
+def _write_lines(log: Any, records: list[dict]) -> None:
+  """Appends whole records, one line each; what a kill tears is the unterminated last line."""
+  log.write("".join(json.dumps(r) + "\n" for r in records))
+  log.flush()
 
 
 def first_below(records: list[dict], target: float) -> dict | None:
@@ -185,12 +232,16 @@ def _save(workdir: pathlib.Path, step: int, task: Task, params, opt_state, extra
 
 
 def _restore(workdir: pathlib.Path, config, task: Task, params, opt_state, sampler):
-  """``(step, params, opt_state, extra)`` of the newest checkpoint; the sampler resumes too."""
+  """``(step, params, opt_state, extra)`` of the newest checkpoint; the sampler resumes too.
+
+  ``None`` when there is no checkpoint yet: the run starts from step 0.
+  """
   from hfjax import checkpoint
 
   directory = workdir / "checkpoints"
   if checkpoint.latest_step(directory) is None:
-    raise FileNotFoundError(f"--resume: no checkpoint in {str(directory)!r}.")
+    print(f"--resume: no checkpoint in {str(directory)!r}; starting from step 0.", file=sys.stderr)
+    return None
   step, restored, opt_state, extra = checkpoint.restore_checkpoint(
     directory, task.unravel(params), opt_state
   )
@@ -257,12 +308,14 @@ def train_and_evaluate(
   previous_compile = 0.0
   metrics_path = workdir / "metrics.jsonl"
   workdir.mkdir(parents=True, exist_ok=True)
-  if resume:
-    step, params, opt_state, extra = _restore(workdir, config, task, params, opt_state, sampler)
+  restored = resume and _restore(workdir, config, task, params, opt_state, sampler)
+  if restored:
+    step, params, opt_state, extra = restored
     wall, examples = float(extra["wall_time"]), int(extra["examples_processed"])
     previous_compile = float(extra.get("compile_time", 0.0))
-    kept = _read_metrics(metrics_path, up_to_step=step)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # The checkpoint's records were written before it; later ones are redone.
+    kept = "".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path, up_to_step=step))
+    _write_atomically(metrics_path, lambda path: path.write_text(kept))
   elif metrics_path.exists():
     metrics_path.unlink()
   params, opt_state = place_tree(params), place_tree(opt_state)
@@ -273,10 +326,12 @@ def train_and_evaluate(
   def evaluation(record: dict, params) -> None:
     nonlocal last_eval_wall
     record["eval_train_loss"], record["train_error"] = evaluate(params, eval_x, eval_y)
+    _crash_point("evaluation")
     record["test_loss"], record["test_error"] = evaluate(params, data.x_test, data.y_test)
     last_eval_wall = record["wall_time"]
 
   def save() -> None:
+    os.fsync(log.fileno())  # the checkpoint's records are on disk before it
     extra = {
       "wall_time": wall,
       "examples_processed": examples,
@@ -291,12 +346,13 @@ def train_and_evaluate(
     if step == 0:
       first = {"step": 0, "wall_time": 0.0, "examples_processed": 0}
       evaluation(first, params)
-      log.write(json.dumps(first) + "\n")
+      _write_lines(log, [first])
     try:
       while stop is None and step < config.num_steps:
         compile_before = compiled.compile_time
         start = time.perf_counter()
         new_params, new_state, record = run(params, opt_state, place_batch)
+        _crash_point("step")
         new_wall = wall + time.perf_counter() - start - (compiled.compile_time - compile_before)
         record = {
           "step": step + 1,
@@ -307,8 +363,8 @@ def train_and_evaluate(
         stop = _stop_reason(config, step + 1, new_wall, record["examples_processed"], record)
         if _eval_due(config, step + 1, new_wall, last_eval_wall) or stop is not None:
           evaluation(record, new_params)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        _write_lines(log, [record])
+        _crash_point("records")
         # The step counts once its record is written; an interrupt before this point leaves
         # the previous step as the one to save and resume from.
         params, opt_state, step = new_params, new_state, step + 1
@@ -321,18 +377,20 @@ def train_and_evaluate(
       bar.close()
       save()
       raise
-  bar.close()
-  stop = stop or "num_steps"
-  if config.checkpoint_every and step % config.checkpoint_every != 0:
-    save()
+    bar.close()
+    stop = stop or "num_steps"
+    if config.checkpoint_every and step % config.checkpoint_every != 0:
+      save()
 
   records = _read_metrics(metrics_path)
   compile_time = previous_compile + compiled.compile_time
   summary = _summary(config, records, step, stop, wall, compile_time, examples)
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  text = json.dumps(summary, indent=2) + "\n"
+  _write_atomically(workdir / "summary.json", lambda path: path.write_text(text))
   if config.plot:
     title = f"{config.dataset.name} {config.model.kind}, {config.optimizer.name}"
-    plotting.plot_run(records, workdir / "loss.png", title, log_y=True)
+    plot = lambda path: plotting.plot_run(records, path, title, log_y=True)
+    _write_atomically(workdir / "loss.png", plot)
   return summary
 
 
