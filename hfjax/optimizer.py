@@ -129,12 +129,15 @@ class KFACConfig(NamedTuple):
       ``"factored"`` (Cholesky inverses damped at each refresh) or ``"exact"``
       (:math:`(A \\otimes G + \\lambda I)^{-1}` through eigendecompositions, damped with
       each step's :math:`\\lambda` even between refreshes).
+    num_samples: sampled output cotangents per curvature example for :math:`G` (each one
+      more backward pass over the curvature batch).
   """
 
   update_every: int = 1
   decay: float = 0.0
   loss: str = "auto"
   tikhonov: str = "factored"
+  num_samples: int = 1
 
   def _check(self) -> None:
     _positive_int("kfac.update_every", self.update_every)
@@ -142,6 +145,7 @@ class KFACConfig(NamedTuple):
       raise ValueError(f"kfac.decay must be in [0, 1), got {self.decay!r}.")
     _check_choice("kfac.loss", self.loss, ("auto", *kfac.LOSS_KINDS))
     _check_choice("kfac.tikhonov", self.tikhonov, kfac.TIKHONOV_KINDS)
+    _positive_int("kfac.num_samples", self.num_samples)
 
 
 def _config(name: str, value: Any, kind: type) -> Any:
@@ -477,6 +481,7 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
       layout=layout,
       loss=options.kfac.loss,
       chunk_size=options.chunk_size,
+      num_samples=options.kfac.num_samples,
     )
     return kfac.kfac_state_update(
       running,

@@ -576,6 +576,30 @@ def test_state_preconditioner_matches_averaged_factors(tikhonov):
     chex.assert_trees_all_close(got(v), expected(v), rtol=tol[0], atol=tol[1])
 
 
+def test_several_samples_average_single_sample_estimates():
+  # Plain-loop reference: G and the diagonal with S samples are the mean of the S
+  # one-sample estimates drawn with the split keys; A does not depend on the samples.
+  apply_fn, params = _mixed_model()
+  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  x = jax.random.normal(jax.random.key(2), (16, 5))
+  batch = (x, jnp.zeros((16, 3)))
+  layout = layers.find_dense_layers(apply_fn, params, x)
+  key = jax.random.key(9)
+  with pytest.warns(UserWarning, match="scale"):
+    several = kfac.kfac_factors(apply_fn, loss_fn, params, batch, key, layout=layout, num_samples=3)
+    singles = [
+      kfac.kfac_factors(apply_fn, loss_fn, params, batch, k, layout=layout)
+      for k in jax.random.split(key, 3)
+    ]
+  mean = lambda *xs: sum(xs) / len(xs)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  jax.tree.map(close, several.g_factors, jax.tree.map(mean, *[f.g_factors for f in singles]))
+  jax.tree.map(close, several.diagonal, jax.tree.map(mean, *[f.diagonal for f in singles]))
+  jax.tree.map(close, several.a_factors, singles[0].a_factors)
+  with pytest.raises(ValueError, match="num_samples"):
+    kfac.kfac_factors(apply_fn, loss_fn, params, batch, key, layout=layout, num_samples=0)
+
+
 def test_state_update_ignores_non_finite_estimates():
   apply_fn, params = _mixed_model()
   x = jnp.ones((8, 5))
