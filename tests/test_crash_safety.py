@@ -37,6 +37,7 @@ ARGS = (
   "--config.optimizer.max_cg_steps=20",
   f"--config.num_steps={NUM_STEPS}",
   "--config.eval_every=3",
+  "--config.log_every=3",  # steps read in groups: at 2, 3, 4, 6 and 8
   "--config.eval_train_examples=0",
   f"--config.checkpoint_every={CHECKPOINT_EVERY}",
   "--config.progress=False",
@@ -122,10 +123,10 @@ def test_killed_anywhere_and_resumed_ends_with_the_same_losses(env, tmp_path):
   assert _checkpoints(run) == ["2"]
   assert [r["step"] for r in _metrics(run)] == [0, 1, 2]
   # 3. A kill in the middle of a write leaves a torn line; it is dropped on resume. Then the
-  # run is killed after writing the records of step 6 but before its checkpoint.
+  # run is killed after writing the records of steps 5 and 6 but before checkpoint 6.
   with (run / "metrics.jsonl").open("a") as log:
     log.write('{"step": 3, "wall_t')
-  _train(env, run, "--resume", crash_at="records:4")
+  _train(env, run, "--resume", crash_at="records:3")
   assert _checkpoints(run) == ["2", "4"]
   assert [r["step"] for r in _metrics(run)] == list(range(7))
   # 4. Killed while Orbax writes checkpoint 6: the temporary directory is never restored.

@@ -1,5 +1,6 @@
 """End-to-end checks of the training script and the ablation runner, at tiny sizes."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import pytest
 
 import hfjax
@@ -530,3 +532,81 @@ def test_ablation_runs_the_kfac_variants_on_unflattened_parameters(tmp_path):
     assert len(_records(tmp_path / "digits" / key / "seed0")) > 1
   hf = json.loads((tmp_path / "digits" / "hf" / "seed0" / "config.json").read_text())
   assert hf["flatten_params"] is True
+
+
+@pytest.mark.parametrize(
+  "gradient, curvature",
+  [
+    (hfjax.geometric_schedule(100, 20000, 1.15), hfjax.geometric_schedule(10, 2000, 1.15)),
+    (hfjax.geometric_schedule(1250, 5000, 1.2, 1.5), hfjax.fixed_schedule(125)),
+    (hfjax.geometric_schedule(7, 4000, 2.0), hfjax.geometric_schedule(3, 300, 1.07, 1.3)),
+  ],
+  ids=["curves", "grid-1.5", "factor-2"],
+)
+def test_host_follows_the_sample_sizes_the_step_computes(gradient, curvature):
+  # The step's own update of the sizes, jitted as in the step, is the oracle.
+  from hfjax import sampling
+
+  update = jax.jit(lambda state: sampling.sampling_update(state, gradient, curvature))
+  state = sampling.sampling_init(gradient, curvature)
+  host = optimizers.HostSchedule(gradient, curvature)
+  seen = set()
+  for _ in range(120):
+    sizes = (int(state.gradient_sample_size), int(state.curvature_sample_size))
+    assert host.sizes(None) == sizes
+    seen.add(sizes)
+    state = update(state)
+    host.advance()
+  assert len(seen) >= 4 and max(seen)[0] == gradient.maximum
+
+
+def test_steps_between_reads_make_no_device_to_host_transfer(tmp_path, monkeypatch):
+  # jax.transfer_guard_device_to_host guards the steps between reads, but the CPU backend
+  # never fires it (its arrays are host memory), so a spy on jax.Array's host value, the
+  # path of float(), int(), np.asarray and jax.device_get, refuses every read there too.
+  from jax._src import array
+
+  host_value = array.ArrayImpl._value
+  inside, reads = [], []
+
+  def value(self):
+    if inside:
+      raise AssertionError(f"a device-to-host read between reads, shape {self.shape}")
+    reads.append(self.shape)
+    return host_value.fget(self)
+
+  guard = train._no_device_reads
+
+  @contextlib.contextmanager
+  def spied():
+    with guard():
+      inside.append(True)
+      try:
+        yield
+      finally:
+        inside.pop()
+
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(value))
+  monkeypatch.setattr(train, "_no_device_reads", spied)
+  with pytest.raises(AssertionError, match="device-to-host read"), spied():
+    float(jax.numpy.ones(()) + 1)  # the negative control: the old per-step read
+  geometric = {"kind": "geometric", "start": 719, "maximum": 1437, "factor": 1.5}
+  overrides = {
+    "num_steps": 7,
+    "eval_every": 3,
+    **{f"optimizer.gradient_schedule.{k}": v for k, v in geometric.items()},
+  }
+  for log_every in (4, 1):
+    config = _config("digits_classifier", log_every=log_every, **overrides)
+    train.train_and_evaluate(config, tmp_path / str(log_every))
+  assert reads  # reads happen, at the read points
+  grouped, each = _records(tmp_path / "4"), _records(tmp_path / "1")
+  # One record per step and the same steps, whether read in groups or one by one.
+  assert [r["step"] for r in grouped] == list(range(8))
+  assert [r["step"] for r in grouped if "test_loss" in r] == [0, 3, 6, 7]
+  # Sizes drawn as the step grows them, without reading them: 719 * 1.5 rounds up to all.
+  assert [r["gradient_batch_size"] for r in grouped[1:]] == [719] + [1437] * 6
+  timeless = lambda r: {k: v for k, v in r.items() if k != "wall_time"}
+  assert list(map(timeless, grouped)) == list(map(timeless, each))
+  walls = [r["wall_time"] for r in grouped]
+  assert walls == sorted(walls)

@@ -115,6 +115,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_every = 5
   config.eval_every_seconds = 0.0
   config.eval_train_examples = 10000  # training-loss subset; 0: all
+  # Steps between reads of the step diagnostics (one record per step all the same). Between
+  # reads the steps run back to back on the device; budget_examples, budget_seconds and
+  # max_consecutive_rejections are checked at reads, so a run may take up to log_every - 1
+  # steps past them. Evaluations and checkpoints are reads too.
+  config.log_every = 1
   config.seed = 0
   config.float64 = False
   config.flatten_params = True
@@ -141,6 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
   for key in ("eval_every", "checkpoint_every", "budget_seconds", "budget_examples"):
     require(config[key] >= 0, f"config.{key}={config[key]} must be >= 0 (0: off).")
+  require(config.log_every >= 1, f"config.log_every={config.log_every} must be >= 1.")
   require(config.eval_every_seconds >= 0, "config.eval_every_seconds must be >= 0 (0: off).")
   require(
     config.optimizer.name in OPTIMIZERS,

@@ -1,17 +1,24 @@
 """The optimizers a config names, each built as one compiled training step.
 
-:func:`build_optimizer` returns ``(opt_state, run, compiled)``: ``run(params, state, place)``
-draws its batches, takes one step and returns ``(params, state, record)``, where the record
-holds the step's training loss, its examples processed (``"examples"``, defined in
-:mod:`hfjax.experiments.train`) and, for HF, its diagnostics; ``compiled.compile_time`` is
-the seconds spent compiling so far.
+:func:`build_optimizer` returns an :class:`Optimizer`: ``run(params, state, place)`` draws
+its batches, dispatches one step and returns ``(params, state, pending)`` without waiting for
+the device; :func:`read_records` turns a list of pending steps into their records in one
+device-to-host transfer. A record holds the step's training loss, its examples processed
+(``"examples"``, defined in :mod:`hfjax.experiments.train`) and, for HF, its diagnostics.
+
+Drawing the next batch needs no value from the device: the host follows the sample sizes of
+fixed and geometric schedules and the step count itself (:class:`HostSchedule`), reading them
+from a state only at the start and after a restore. A variance-test schedule decides its next
+size on the device, from the step's gradients, so it reads the two sizes (two int32) after
+every step: the one transfer between reads that is left, and only with that schedule.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -42,6 +49,44 @@ HF_INFO = (
 # per example, the Jacobi estimate one more forward-mode pass; a K-FAC refresh is one batched
 # forward and one backward pass of sampled cotangents (counted on the steps that refresh).
 _PRECONDITIONER_PASSES = {"martens": 2, "jacobi": 3, "kfac": 2, "kfac+lbfgs": 2}
+
+
+class Pending(NamedTuple):
+  """One dispatched step whose record waits for its diagnostics to be read.
+
+  Attributes:
+    device: the step's diagnostics, a small pytree of device scalars.
+    finish: ``finish(values) -> record`` from the same pytree read back as NumPy values.
+  """
+
+  device: Any
+  finish: Callable[[Any], dict]
+
+
+def read_records(pending: list[Pending]) -> list[dict]:
+  """The records of ``pending`` steps, their diagnostics read in one ``jax.device_get``."""
+  values = jax.device_get([p.device for p in pending])
+  return [
+    p.finish(jax.tree.map(lambda v: v.item(), v)) for p, v in zip(pending, values, strict=True)
+  ]
+
+
+class Optimizer(NamedTuple):
+  """A config's optimizer as the training loop drives it.
+
+  Attributes:
+    state: the initial optimizer state.
+    run: ``run(params, state, place) -> (params, state, pending)``, a :class:`Pending`.
+    sync: ``sync(state)``: what the host follows between reads (sample sizes, step count),
+      read from ``state``; call it before the first step and after restoring a state.
+    compiled: the step, compiled ahead of time; ``compiled.compile_time`` is the seconds
+      spent compiling so far.
+  """
+
+  state: Any
+  run: Callable[..., tuple[Any, Any, Pending]]
+  sync: Callable[[Any], None]
+  compiled: AheadOfTime
 
 
 class AheadOfTime:
@@ -86,6 +131,56 @@ def sample_schedule(
   if cfg.kind == "geometric":
     return hfjax.geometric_schedule(start, maximum, cfg.factor, cfg.grid_ratio)
   return hfjax.variance_test_schedule(start, maximum, cfg.theta, cfg.grid_ratio)
+
+
+class HostSchedule:
+  """The next sample sizes and step count of an HF run, followed on the host.
+
+  The step updates the sizes of a fixed or geometric schedule on the device (float32 targets
+  grown by ``factor``, rounded up to the grid); the host repeats the same arithmetic, so that
+  drawing a batch needs no read of the state. A variance-test schedule grows from the step's
+  gradients: its sizes are read from the state after each step.
+  """
+
+  def __init__(self, gradient: hfjax.SampleSchedule, curvature: hfjax.SampleSchedule):
+    self._schedules = (gradient, curvature)
+    self.reads_state = gradient.kind == "variance"
+    self.sync(None)
+
+  def sync(self, state: Any) -> None:
+    """Takes the targets and count of ``state`` (a read); ``None``: those of a new state."""
+    if state is None:
+      self._targets = [np.float32(s.start) for s in self._schedules]
+      self.count = 0
+      return
+    names = ("gradient_target", "curvature_target")
+    self._targets = [np.float32(optax.tree.get(state, name)) for name in names]
+    self.count = int(optax.tree.get(state, "count"))
+
+  def sizes(self, state: Any) -> tuple[int, int]:
+    """``(gradient_size, curvature_size)`` of the next step."""
+    if self.reads_state:
+      with jax.transfer_guard_device_to_host("allow"):
+        return hfjax.sample_sizes(state)
+    return tuple(_grid_size(t, s) for t, s in zip(self._targets, self._schedules, strict=True))
+
+  def advance(self) -> None:
+    """Follows one step: the targets grow as :func:`hfjax.sampling_update` grows them."""
+    self.count += 1
+    for i, schedule in enumerate(self._schedules):
+      if schedule.kind == "geometric":
+        grown = self._targets[i] * np.float32(schedule.factor)
+        self._targets[i] = np.minimum(grown, np.float32(schedule.maximum))
+
+
+def _grid_size(target: np.float32, schedule: hfjax.SampleSchedule) -> int:
+  """``target`` rounded up to the schedule's grid in float32, as the step rounds it."""
+  f32 = np.float32
+  ratio = np.log(np.maximum(target, f32(schedule.start)) / f32(schedule.start))
+  ratio = ratio / f32(math.log(schedule.grid_ratio))
+  k = np.maximum(np.ceil(ratio - f32(1e-6)), f32(0))
+  size = np.round(f32(schedule.start) * f32(schedule.grid_ratio) ** k)
+  return int(np.minimum(size, f32(schedule.maximum)))
 
 
 def _hf_examples(
@@ -158,19 +253,23 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
   variance_test = gradient.kind == "variance"
   # Only K-FAC's build can skip a step; every other preconditioner is built for each solve.
   build_every = opt.kfac.update_every if opt.preconditioner.startswith("kfac") else 1
+  host = HostSchedule(gradient, curvature)
 
   def run(params, state, place):
-    sizes = hfjax.sample_sizes(state)
-    built = int(state.count) % build_every == 0
-    batch, curvature_batch = place(sampler.sample_pair(*sizes))
+    built = host.count % build_every == 0
+    batch, curvature_batch = place(sampler.sample_pair(*host.sizes(state)))
     params, state = compiled(params, state, batch, curvature_batch)
-    info = jax.device_get({k: optax.tree.get(state, k) for k in HF_INFO})
-    record = {k: v.item() for k, v in info.items()}
-    record["train_loss"] = record.pop("loss_before")
-    record["examples"] = _hf_examples(record, opt.preconditioner, variance_test, built=built)
-    return params, state, record
+    host.advance()
 
-  return tx.init(task.params), run, compiled
+    def finish(info: dict) -> dict:
+      record = dict(info)
+      record["train_loss"] = record.pop("loss_before")
+      record["examples"] = _hf_examples(record, opt.preconditioner, variance_test, built=built)
+      return record
+
+    return params, state, Pending({k: optax.tree.get(state, k) for k in HF_INFO}, finish)
+
+  return Optimizer(tx.init(task.params), run, host.sync, compiled)
 
 
 def _first_order(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
@@ -194,9 +293,10 @@ def _first_order(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.B
   def run(params, state, place):
     batch = place(sampler.sample(batch_size))
     params, state, value = compiled(params, state, batch)
-    return params, state, {"train_loss": float(value), "examples": 2 * batch_size}
+    finish = lambda loss: {"train_loss": loss, "examples": 2 * batch_size}
+    return params, state, Pending(value, finish)
 
-  return tx.init(task.params), run, compiled
+  return Optimizer(tx.init(task.params), run, lambda state: None, compiled)
 
 
 def _lbfgs(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
@@ -219,16 +319,22 @@ def _lbfgs(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSa
   def run(params, state, place):
     nonlocal first_step
     params, state, value = compiled(params, state, place(fixed_batch))
-    trials = int(optax.tree.get(state, "num_linesearch_steps"))
     # The first step evaluates the objective itself; later ones reuse the line search's.
-    passes = trials + first_step
+    first = first_step
     first_step = False
-    return params, state, {"train_loss": float(value), "examples": 2 * batch_size * passes}
 
-  return tx.init(task.params), run, compiled
+    def finish(info: tuple) -> dict:
+      loss, trials = info
+      return {"train_loss": loss, "examples": 2 * batch_size * (trials + first)}
+
+    return params, state, Pending((value, optax.tree.get(state, "num_linesearch_steps")), finish)
+
+  return Optimizer(tx.init(task.params), run, lambda state: None, compiled)
 
 
-def build_optimizer(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler):
-  """``(opt_state, run, compiled)`` of the config's optimizer (see the module docstring)."""
+def build_optimizer(
+  config: ml_collections.ConfigDict, task: Task, sampler: hfjax.BatchSampler
+) -> Optimizer:
+  """The config's :class:`Optimizer` (see the module docstring)."""
   builder = {"hf": _hessian_free, "adam": _first_order, "sgd": _first_order, "lbfgs": _lbfgs}
   return builder[config.optimizer.name](config, task, sampler)

@@ -214,6 +214,52 @@ def _stop_reason(config, step: int, wall: float, examples: int, record: dict) ->
   return None
 
 
+def _read_due(config: ml_collections.ConfigDict, step: int, wall: float) -> bool:
+  """Whether the diagnostics are read after ``step`` (evaluations are read points too)."""
+  return (
+    step % config.log_every == 0
+    or step >= config.num_steps
+    or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    or bool(config.budget_seconds and wall >= config.budget_seconds)
+  )
+
+
+def _no_device_reads():
+  """The guard around the steps between reads: no device-to-host transfer there."""
+  return jax.transfer_guard_device_to_host("disallow")
+
+
+class _Group:
+  """The steps taken since the last read: their pending records and their training time."""
+
+  def __init__(self, compiled: optimizers.AheadOfTime, step: int, wall: float, examples: int):
+    self._compiled = compiled
+    self.step, self.wall, self.examples = step, wall, examples  # at the last step read
+    self.pending: list[optimizers.Pending] = []
+    self.last: list[dict] = []
+    self.restart()
+
+  def restart(self) -> None:
+    """Starts timing the next steps."""
+    self._start, self._compile = time.perf_counter(), self._compiled.compile_time
+
+  def elapsed(self) -> float:
+    """Seconds of training since :meth:`restart`, compilation excluded."""
+    return time.perf_counter() - self._start - (self._compiled.compile_time - self._compile)
+
+  def read(self) -> list[dict]:
+    """The pending steps' records, in one transfer; the group's time is shared out evenly."""
+    records = optimizers.read_records(self.pending)
+    share = self.elapsed() / len(records)
+    step, wall, examples = self.step, self.wall, self.examples
+    for i, record in enumerate(records):
+      step, wall, examples = step + 1, wall + share, examples + record.pop("examples")
+      records[i] = {"step": step, "wall_time": wall, "examples_processed": examples, **record}
+    self.step, self.wall, self.examples = step, wall, examples
+    self.pending, self.last = [], records
+    return records
+
+
 def _eval_due(config: ml_collections.ConfigDict, step: int, wall: float, last_eval: float) -> bool:
   if config.eval_every and step % config.eval_every == 0:
     return True
@@ -296,7 +342,8 @@ def train_and_evaluate(
   task = task_lib.load_task(config)
   data = task.data
   sampler = hfjax.BatchSampler((data.x_train, data.y_train), seed=config.seed)
-  opt_state, run, compiled = optimizers.build_optimizer(config, task, sampler)
+  optimizer = optimizers.build_optimizer(config, task, sampler)
+  opt_state, run, compiled = optimizer.state, optimizer.run, optimizer.compiled
   place_batch, place_tree = _placement(config)
   params = task.params
   evaluate = _Evaluator(task)
@@ -318,6 +365,7 @@ def train_and_evaluate(
     _write_atomically(metrics_path, lambda path: path.write_text(kept))
   elif metrics_path.exists():
     metrics_path.unlink()
+  optimizer.sync(opt_state)
   params, opt_state = place_tree(params), place_tree(opt_state)
 
   stop = None
@@ -342,39 +390,49 @@ def train_and_evaluate(
 
   bar = _progress(config.num_steps, config.progress and sys.stderr.isatty())
   bar.update(step)
+  group = _Group(compiled, step, wall, examples)
   with metrics_path.open("a") as log:
     if step == 0:
       first = {"step": 0, "wall_time": 0.0, "examples_processed": 0}
       evaluation(first, params)
       _write_lines(log, [first])
+    unwritten: list[dict] = []
     try:
       while stop is None and step < config.num_steps:
-        compile_before = compiled.compile_time
-        start = time.perf_counter()
-        new_params, new_state, record = run(params, opt_state, place_batch)
-        _crash_point("step")
-        new_wall = wall + time.perf_counter() - start - (compiled.compile_time - compile_before)
-        record = {
-          "step": step + 1,
-          "wall_time": new_wall,
-          "examples_processed": examples + record.pop("examples"),
-          **record,
-        }
-        stop = _stop_reason(config, step + 1, new_wall, record["examples_processed"], record)
-        if _eval_due(config, step + 1, new_wall, last_eval_wall) or stop is not None:
-          evaluation(record, new_params)
-        _write_lines(log, [record])
+        # Steps go to the device back to back; nothing comes back until the read.
+        with _no_device_reads():
+          read_due = eval_due = False
+          while not (read_due or eval_due):
+            params, opt_state, pending = run(params, opt_state, place_batch)
+            group.pending.append(pending)
+            step += 1
+            _crash_point("step")
+            estimate = group.wall + group.elapsed()
+            eval_due = _eval_due(config, step, estimate, last_eval_wall)
+            read_due = _read_due(config, step, estimate)
+        unwritten = group.read()
+        wall, examples = group.wall, group.examples
+        for record in unwritten:
+          stop = stop or _stop_reason(
+            config, record["step"], record["wall_time"], record["examples_processed"], record
+          )
+        if eval_due or _eval_due(config, step, wall, last_eval_wall) or stop is not None:
+          evaluation(unwritten[-1], params)
+        _write_lines(log, unwritten)
+        unwritten = []
         _crash_point("records")
-        # The step counts once its record is written; an interrupt before this point leaves
-        # the previous step as the one to save and resume from.
-        params, opt_state, step = new_params, new_state, step + 1
-        wall, examples = new_wall, record["examples_processed"]
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           save()
-        bar.set_postfix(_postfix(record), refresh=False)
-        bar.update(1)
+        bar.set_postfix(_postfix(group.last[-1]), refresh=False)
+        bar.update(len(group.last))
+        group.restart()  # evaluation and checkpoints are not training time
     except KeyboardInterrupt:
       bar.close()
+      # Every step taken gets its record before the checkpoint that includes it.
+      if group.pending:
+        unwritten += group.read()
+        wall, examples = group.wall, group.examples
+      _write_lines(log, unwritten)
       save()
       raise
     bar.close()
