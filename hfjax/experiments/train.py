@@ -13,6 +13,14 @@ are parsed in :mod:`hfjax.experiments.main`, the task is built in
 this module holds the loop, :func:`train_and_evaluate`. The run writes to the workdir:
 
 - ``metrics.jsonl``: one JSON record per step (and one for the initial evaluation, step 0);
+  with ``log_every=k`` the records of ``k`` steps are written together, when their
+  diagnostics are read back from the device in one transfer (also at every evaluation,
+  checkpoint and the end); between reads the loop makes no device-to-host transfer (it runs
+  under ``jax.transfer_guard_device_to_host("disallow")``), so an accelerator takes the steps
+  back to back; the one exception is a variance-test gradient schedule, whose next sizes the
+  step decides from its gradients and the loop reads after every step. Stops that depend on the diagnostics (``budget_examples``,
+  ``max_consecutive_rejections``) or on the measured time (``budget_seconds``) are checked at
+  reads, so a run may take up to ``log_every - 1`` steps past them;
 - ``summary.json``: the final numbers, also printed;
 - ``loss.png``: training and test loss against wall time and against examples processed;
 - ``checkpoints/``: with ``checkpoint_every > 0``, and always on Ctrl-C (``--resume`` goes on
@@ -33,7 +41,11 @@ Definitions used in the records:
 
 - ``wall_time``: seconds spent training, excluding evaluation and XLA compilation (each new
   batch shape is compiled ahead of time and its cost is summed in ``compile_time``), but
-  including drawing the batches.
+  including drawing the batches. Steps are dispatched without waiting and their diagnostics
+  read back every ``log_every`` steps (see below), so the time of a group of steps is known
+  only at its read: it is measured there, from the end of the previous read, and shared out
+  evenly among the group's steps. The last record of a group carries the exact total; with
+  ``log_every=1`` every record does.
 - ``examples_processed``: example-passes, i.e. the number of examples that went through a
   forward pass plus the number that went through a backward (or forward-mode) pass. A
   gradient costs 2 per example (forward and backward), a loss evaluation 1, the
