@@ -9,11 +9,17 @@ exactly those sizes (:class:`BatchSampler`), so a smaller sample really is less 
 Sizes are rounded up to a geometric grid ``start * grid_ratio**k`` (capped at ``maximum``),
 so a run compiles the update for at most about ``log(maximum / start) / log(grid_ratio) + 2``
 distinct batch shapes.
+
+The host can follow a fixed or geometric schedule without reading the state
+(:meth:`SampleSchedule.grow`, :meth:`SampleSchedule.round_up`): the step grows the float32
+target by one multiplication and rounds it by comparisons with a static float32 table, which
+give the same bits on every backend, so a training loop can draw the next batch while the
+device is still busy with the last step.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -44,11 +50,29 @@ class SampleSchedule(NamedTuple):
 
   def grid(self) -> list[int]:
     """Every size this schedule can produce, ascending."""
-    sizes, k = [], 0
-    while (size := _grid_size(self.start * self.grid_ratio**k, self)) < self.maximum:
-      sizes.append(size)
-      k += 1
-    return sorted(set(sizes + [self.maximum]))
+    return list(_grid_table(self)[1])
+
+  def round_up(self, target: float) -> int:
+    """``target`` (the float32 target a state holds) rounded up to the grid, on the host.
+
+    The same float32 comparisons as the step makes, so it agrees with the step's
+    ``gradient_sample_size`` / ``curvature_sample_size`` bit for bit on any backend.
+    """
+    thresholds, sizes = _grid_table(self)
+    return sizes[int(np.sum(np.float32(target) > thresholds))]
+
+  def grow(self, target: float) -> np.float32:
+    """The target of the next outer step after ``target``, on the host, in float32 as the
+    step computes it; only fixed and geometric schedules grow without the step's gradients."""
+    if self.kind == "variance":
+      raise ValueError(
+        "a variance-test schedule grows from the step's gradients: read its sizes from the "
+        "state (hfjax.sample_sizes)."
+      )
+    target = np.float32(target)
+    if self.kind == "geometric":
+      target = target * np.float32(self.factor)
+    return np.minimum(target, np.float32(self.maximum))
 
 
 def _check_sizes(start: int, maximum: int) -> None:
@@ -111,21 +135,32 @@ def variance_test_schedule(
   return SampleSchedule("variance", int(start), int(maximum), 1.0, float(theta), grid_ratio)
 
 
-def _grid_size(target: float, schedule: SampleSchedule) -> int:
-  """``target`` rounded up to the schedule's grid (host-side twin of :func:`_round_up`)."""
-  if target >= schedule.maximum:
-    return schedule.maximum
-  k = max(0, math.ceil(math.log(target / schedule.start) / math.log(schedule.grid_ratio) - 1e-6))
-  return min(schedule.maximum, round(schedule.start * schedule.grid_ratio**k))
+@functools.cache
+def _grid_table(schedule: SampleSchedule) -> tuple[np.ndarray, tuple[int, ...]]:
+  """``(thresholds, sizes)``: a target ``t`` gets ``sizes[#{thresholds < t}]``.
+
+  ``sizes[k]`` is ``round(start * grid_ratio**k)`` capped at ``maximum`` (the last one is
+  ``maximum``); ``thresholds[k]``, in float32, is the grid point ``start * grid_ratio**k`` with a
+  relative slack of about ``1e-6 log(grid_ratio)``, so that a target a rounding error above a
+  grid point keeps that point's size.
+  """
+  if not schedule.grid_ratio > 1.0:
+    raise ValueError(f"grid_ratio must be > 1, got {schedule.grid_ratio!r}.")
+  thresholds, sizes, k = [], [], 0
+  while True:
+    point = schedule.start * schedule.grid_ratio**k
+    sizes.append(min(schedule.maximum, round(point)))
+    if sizes[-1] >= schedule.maximum:
+      return np.array(thresholds, np.float32), tuple(sizes)
+    thresholds.append(point * schedule.grid_ratio**1e-6)
+    k += 1
 
 
 def _round_up(target: jax.Array, schedule: SampleSchedule) -> jax.Array:
-  ratio = jnp.log(jnp.maximum(target, schedule.start) / schedule.start) / math.log(
-    schedule.grid_ratio
-  )
-  k = jnp.maximum(jnp.ceil(ratio - 1e-6), 0)
-  size = jnp.round(schedule.start * schedule.grid_ratio**k)
-  return jnp.minimum(size, schedule.maximum).astype(jnp.int32)
+  """Device twin of :meth:`SampleSchedule.round_up`: comparisons only, exact everywhere."""
+  thresholds, sizes = _grid_table(schedule)
+  index = jnp.sum(target[..., None] > jnp.asarray(thresholds), axis=-1)
+  return jnp.asarray(sizes, jnp.int32)[index]
 
 
 class SamplingState(NamedTuple):
@@ -158,7 +193,7 @@ def _next_target(
   schedule: SampleSchedule, target: jax.Array, variance_l1: jax.Array, grad_sq_norm: jax.Array
 ) -> jax.Array:
   if schedule.kind == "geometric":
-    target = target * schedule.factor
+    target = target * jnp.float32(schedule.factor)  # as SampleSchedule.grow, bit for bit
   elif schedule.kind == "variance":
     # Byrd et al.'s test, written without the division so that a zero gradient grows to the
     # maximum instead of producing inf/nan.

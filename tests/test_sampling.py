@@ -49,6 +49,60 @@ def test_geometric_sizes_match_plain_python(start, maximum, factor, ratio):
   assert len(schedule.grid()) <= math.ceil(math.log(maximum / start) / math.log(ratio)) + 1
 
 
+_HOST_SCHEDULES = [
+  hfjax.geometric_schedule(10, 5000, factor=1.3),
+  hfjax.geometric_schedule(7, 1000, factor=1.1, grid_ratio=1.5),
+  hfjax.geometric_schedule(1, 60000, factor=1.5, grid_ratio=3.0),
+  hfjax.geometric_schedule(16, 1024, factor=2.0),  # targets land exactly on grid points
+  hfjax.geometric_schedule(100, 101, factor=1.001, grid_ratio=1.01),
+  hfjax.fixed_schedule(5),
+]
+
+
+@pytest.mark.parametrize("schedule", _HOST_SCHEDULES, ids=lambda s: f"{s.start}-{s.maximum}")
+def test_host_round_up_is_the_device_rounding(schedule):
+  """round_up on the host gives the step's sizes bit for bit, at and beside every threshold
+  (float32 neighbours), and plain Python's rounding away from them."""
+  thresholds, _ = sampling._grid_table(schedule)
+  points = [schedule.start * schedule.grid_ratio**k for k in range(len(thresholds) + 2)]
+  edges = np.concatenate([thresholds, np.float32(points)])
+  targets = np.concatenate(
+    [
+      edges,
+      np.nextafter(edges, np.float32(np.inf)),
+      np.nextafter(edges, np.float32(0)),
+      np.geomspace(0.5, 2 * schedule.maximum, 500).astype(np.float32),
+    ]
+  )
+  device = jax.jit(sampling._round_up, static_argnums=1)(targets, schedule)
+  host = [schedule.round_up(t) for t in targets]
+  np.testing.assert_array_equal(np.asarray(device), host)
+  start, maximum, ratio = schedule.start, schedule.maximum, schedule.grid_ratio
+  for t, size in zip(targets, host, strict=True):
+    if np.all(np.abs(np.float64(t) / np.array(points) - 1) > 1e-5):
+      assert size == _reference_round_up(float(t), start, maximum, ratio), t
+  assert sorted(set(host)) == schedule.grid()
+
+
+@pytest.mark.parametrize("schedule", _HOST_SCHEDULES[:4], ids=lambda s: f"{s.start}-{s.maximum}")
+def test_host_follows_the_state_without_reading_it(schedule):
+  """grow and round_up on the host reproduce sampling_update's sizes for 300 steps."""
+  curvature = hfjax.fixed_schedule(3)
+  update = jax.jit(lambda state: sampling.sampling_update(state, schedule, curvature))
+  state = sampling.sampling_init(schedule, curvature)
+  target = np.float32(schedule.start)
+  states = [state]
+  for _ in range(300):
+    states.append(update(states[-1]))
+  for state in jax.device_get(states):
+    assert state.gradient_target == target
+    assert state.gradient_sample_size == schedule.round_up(target)
+    target = schedule.grow(target)
+  assert schedule.round_up(target) == schedule.maximum
+  with pytest.raises(ValueError, match="variance-test schedule grows from the step"):
+    hfjax.variance_test_schedule(4, 8).grow(4.0)
+
+
 def test_fixed_schedule_never_changes():
   schedule = hfjax.fixed_schedule(12)
   assert schedule.grid() == [12]
