@@ -16,17 +16,21 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 DEVICES_PER_PROCESS = 4
 STEPS = 3
 BATCH = 64  # global examples per step
 MAX_CG_STEPS = 30
-# (name, preconditioner, batch form): "local" loads this process's share and calls
-# shard_local_batch; "global" loads every example and calls shard_batch.
+# (name, preconditioner, batch form, mesh): "local" loads this process's share and calls
+# shard_local_batch, "global" loads every example and calls shard_batch; mesh "data" puts
+# every device on "data" with params and state replicated, "data_model" is a 4 x 2 mesh
+# ("data", "model") with params and state split over "model" by param_sharding and
+# state_sharding (so each process holds two places of "data").
 CASES = (
-  ("kfac_local", "kfac", "local"),
-  ("kfac_global", "kfac", "global"),
-  ("lbfgs_local", "lbfgs", "local"),
+  ("kfac_local", "kfac", "local", "data"),
+  ("kfac_global", "kfac", "global", "data"),
+  ("lbfgs_model", "lbfgs", "local", "data_model"),
 )
 
 
@@ -55,28 +59,34 @@ def optimizer(preconditioner: str):
 
 
 def train(preconditioner: str, put_batch=None, put_tree=None) -> tuple[dict, list]:
-  """``STEPS`` outer steps; returns the final parameters and (damping, CG steps, accepted)
-  of each step, read on this process. ``put_batch(step)`` gives the batch of ``step`` on the
-  devices and ``put_tree`` places the parameters and state; ``None``: one device."""
+  """``STEPS`` outer steps; returns the final parameters and (damping, CG steps, iterate
+  chosen by backtracking, accepted) of each step, read on this process.
+
+  ``put_batch(step)`` gives the batch of ``step`` on the devices and
+  ``put_tree(params, state)`` places the parameters and state; ``None``: one device.
+  """
   import toy
 
   tx, step_fn = optimizer(preconditioner)
   params = toy.init_params(0)
   state = tx.init(params)
   if put_tree is not None:
-    params, state = put_tree(params), put_tree(state)
+    params, state = put_tree(params, state)
   trace = []
   for step in range(STEPS):
     batch = load_examples(step, 0, BATCH) if put_batch is None else put_batch(step)
     params, state = step_fn(params, state, batch, batch)
-    info = jax.tree.map(_read, (state.damping, state.info.cg_steps, state.info.accepted))
-    trace.append((float(info[0]), int(info[1]), bool(info[2])))
+    info = state.info
+    info = jax.tree.map(_read, (state.damping, info.cg_steps, info.chosen_iterate, info.accepted))
+    trace.append((float(info[0]), int(info[1]), int(info[2]), bool(info[3])))
   return jax.tree.map(_read, params), trace
 
 
 def _read(x: jax.Array) -> np.ndarray:
-  """This process's copy of a replicated global array."""
-  return np.asarray(x.addressable_data(0))
+  """The whole value of ``x`` on this process (a collective when ``x`` is split)."""
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _message(call) -> str:
@@ -97,26 +107,48 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
 
   assert jax.process_count() == num_processes
   assert jax.device_count() == num_processes * DEVICES_PER_PROCESS
-  mesh = sharding.make_mesh()
+  meshes = {
+    "data": sharding.make_mesh(),
+    "data_model": sharding.make_mesh((jax.device_count() // 2, 2), ("data", "model")),
+  }
+
+  def put_tree(mesh):
+    def put(params, state):
+      return (
+        sharding.place(params, sharding.param_sharding(params, mesh, shard_params=True)),
+        sharding.place(state, sharding.state_sharding(state, params, mesh, shard_params=True)),
+      )
+
+    return put
+
   share = BATCH // num_processes
   forms = {
-    "local": lambda step: sharding.shard_local_batch(
-      load_examples(step, process_id * share, (process_id + 1) * share), mesh
+    "local": lambda mesh: (
+      lambda step: sharding.shard_local_batch(
+        load_examples(step, process_id * share, (process_id + 1) * share), mesh
+      )
     ),
-    "global": lambda step: sharding.shard_batch(load_examples(step, 0, BATCH), mesh),
+    "global": lambda mesh: lambda step: sharding.shard_batch(load_examples(step, 0, BATCH), mesh),
   }
   results = {}
-  for name, preconditioner, form in CASES:
-    params, trace = train(preconditioner, forms[form], lambda tree: sharding.replicate(tree, mesh))
+  for name, preconditioner, form, mesh_name in CASES:
+    mesh = meshes[mesh_name]
+    params, trace = train(preconditioner, forms[form](mesh), put_tree(mesh))
     results.update({f"{name}/{key}": value for key, value in params.items()})
     results[f"{name}/trace"] = np.array(trace, dtype=np.float64)
 
+  mesh = meshes["data"]
   # What jax.device_put refuses onto other processes' devices: a committed array (as a
   # jitted step returns) and a PRNG key.
   committed = jax.device_put((np.arange(3.0), jax.random.key(1)), jax.local_devices()[0])
   placed = sharding.replicate(committed, mesh)
   results["committed"] = _read(placed[0])
   results["committed_key_data"] = _read(jax.random.key_data(placed[1]))
+  # On the 4 x 2 mesh, each device holds half of each parameter.
+  import toy
+
+  w1 = put_tree(meshes["data_model"])(toy.init_params(0), ())[0]["w1"]
+  results["model_w1_shards"] = np.array([shard.data.shape for shard in w1.addressable_shards])
   # The batch really is global, each process holding only its own examples.
   batch = sharding.shard_local_batch(
     load_examples(0, process_id * share, (process_id + 1) * share), mesh
