@@ -5,7 +5,7 @@ Two processes of ``multihost_worker.DEVICES_PER_PROCESS`` CPU devices each join 
 Hessian-free steps with the batch split over all the devices of both, for each case of
 ``multihost_worker.CASES``: K-FAC (the default preconditioner) with each process passing only
 its own share of the batch (``shard_local_batch``) and with every process passing the global
-batch (``shard_batch``), params and state ``replicate``\ d; and L-BFGS on a 4 x 2
+batch (``shard_batch``), params and state replicated (``replicate``); and L-BFGS on a 4 x 2
 ``("data", "model")`` mesh, params and state split over ``"model"`` by ``place`` with
 ``param_sharding`` / ``state_sharding``. Each process calls ``hfjax.sharding`` exactly as one
 process would, and process 0 writes the final parameters. The one-device reference runs in
