@@ -12,7 +12,8 @@ From that point every (damping, preconditioner) pair takes one ``hfjax.hessian_f
 from a fresh state (``initial_damping`` = the damping): the gradient on the whole training
 set, the Gauss-Newton products on its first ``--curvature_batch`` images, CG to Martens'
 stopping rule (capped at ``--max_cg_steps``), then CG backtracking and the line search
-(``kfac:exact`` is ``preconditioner="kfac"`` with ``KFACConfig(tikhonov="exact")``). The
+(``kfac:exact`` is ``preconditioner="kfac"`` with ``KFACConfig(tikhonov="exact")``,
+``kfac:exact:4`` the same with ``num_samples=4``). The
 table gives the CG steps, the training loss after the step, and the time of the step
 relative to the first row's (one jitted program each, run once after compilation; the
 machine is shared, so only compare times within one run).
@@ -35,7 +36,7 @@ _DAMPINGS = flags.DEFINE_list("dampings", ["45", "1", "0.1"], "Levenberg-Marquar
 _PRECONDITIONERS = flags.DEFINE_list(
   "preconditioners",
   ["none", "martens", "lbfgs", "kfac", "kfac:exact", "kfac+lbfgs", "kfac+lbfgs:exact"],
-  "Preconditioners; a K-FAC one may end in ':exact' or ':factored' (KFACConfig.tikhonov).",
+  "Preconditioners; a K-FAC one may add ':<KFACConfig.tikhonov>[:<num_samples>]'.",
 )
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 20000, "Generated CURVES training images.")
 _CURVATURE_BATCH = flags.DEFINE_integer("curvature_batch", 1000, "Curvature batch size.")
@@ -82,12 +83,14 @@ def main(argv: list[str]) -> None:
   for damping in map(float, _DAMPINGS.value):
     first = None
     for name in _PRECONDITIONERS.value:
-      preconditioner, _, tikhonov = name.partition(":")
+      preconditioner, *kfac_options = name.split(":")
+      tikhonov = kfac_options[0] if kfac_options else "factored"
+      samples = kfac_options[1] if len(kfac_options) > 1 else "1"
       tx = hfjax.hessian_free(
         apply_fn,
         loss_fn,
         preconditioner=preconditioner,
-        kfac=hfjax.KFACConfig(tikhonov=tikhonov or "factored"),
+        kfac=hfjax.KFACConfig(tikhonov=tikhonov, num_samples=int(samples)),
         initial_damping=damping,
         max_cg_steps=_MAX_CG_STEPS.value,
       )
