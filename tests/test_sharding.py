@@ -183,7 +183,15 @@ def _worker(preconditioner: str) -> dict:
     for batch in batches:
       params, state = compiled(params, state, put_batch(batch))
       info = state.info
-      trace.append((float(state.damping), int(info.cg_steps), bool(info.accepted)))
+      trace.append(
+        (
+          float(state.damping),
+          int(info.cg_steps),
+          int(info.chosen_iterate),
+          float(info.line_search_step),
+          bool(info.accepted),
+        )
+      )
     return params, state, trace
 
   def compile_for(params, state, batch):
@@ -223,6 +231,7 @@ def _worker(preconditioner: str) -> dict:
     "indivisible": lambda: sharding.shard_batch(batches[0][0][:60], mesh),
     "mesh_shape": lambda: sharding.make_mesh((3,)),
     "scalar_leaf": lambda: sharding.shard_batch((jnp.ones(()),), mesh),
+    "indivisible_local": lambda: sharding.shard_local_batch(batches[0][0][:60], mesh),
   }.items():
     try:
       call()
@@ -230,13 +239,22 @@ def _worker(preconditioner: str) -> dict:
     except ValueError as err:
       errors[name] = str(err)
   results["errors"] = errors
+  # With one process, this process's share is the whole batch.
+  local, whole = (
+    sharding.shard_local_batch(batches[0], mesh),
+    sharding.shard_batch(batches[0], mesh),
+  )
+  results["local_equals_global"] = all(
+    a.sharding == b.sharding and bool(jnp.array_equal(a, b))
+    for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(whole), strict=True)
+  )
 
   if preconditioner == "lbfgs":
     # Data and model parallel: params, warm start and L-BFGS memory split over "model".
     mesh = sharding.make_mesh((4, 2), ("data", "model"))
     p_sh = sharding.param_sharding(params, mesh, shard_params=True)
     s_sh = sharding.state_sharding(state, params, mesh, shard_params=True)
-    mp_params, mp_state = jax.device_put(params, p_sh), jax.device_put(state, s_sh)
+    mp_params, mp_state = sharding.place(params, p_sh), sharding.place(state, s_sh)
     compiled = (
       jax.jit(step, out_shardings=(p_sh, s_sh))
       .lower(mp_params, mp_state, sharding.shard_batch(batches[0], mesh))
@@ -291,7 +309,7 @@ def test_data_parallel_update_matches_one_device(preconditioner):
   # Damping, CG steps and acceptance are discrete: equal step for step. Params to float
   # tolerance (the batch sums are reduced in another order).
   assert data["trace"] == results["reference"]
-  assert any(accepted for _, _, accepted in data["trace"])
+  assert any(accepted for *_, accepted in data["trace"])
   _check_matches_single_device(data)
   assert data["params_replicated"]
 
@@ -318,6 +336,10 @@ def test_data_parallel_update_matches_one_device(preconditioner):
   assert re.search(r"60 examples, not divisible by the 8 devices", errors["indivisible"])
   assert re.search(r"holds 3 devices, but there are 8", errors["mesh_shape"])
   assert re.search(r"scalar", errors["scalar_leaf"])
+  assert re.search(
+    r"60 examples, not divisible by the 8 devices of this process", errors["indivisible_local"]
+  )
+  assert results["local_equals_global"]
 
   if preconditioner == "lbfgs":
     model = results["model"]
@@ -354,6 +376,24 @@ def test_make_mesh_on_one_device():
     sharding.make_mesh((1,), ("data", "model"))
   with pytest.raises(ValueError, match="no 'data' axis"):
     sharding.batch_sharding(sharding.make_mesh(axis_names=("model",)))
+
+
+def test_place_on_one_device():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from hfjax import sharding
+
+  mesh = sharding.make_mesh()
+  tree = {"w": jnp.arange(6.0).reshape(3, 2), "key": jax.random.key(3)}
+  one = NamedSharding(mesh, P())
+  for shardings in (one, {"w": one, "key": one}):
+    placed = sharding.place(tree, shardings)
+    assert all(leaf.sharding == one for leaf in jax.tree.leaves(placed))
+    assert jnp.array_equal(placed["w"], tree["w"])
+    assert jnp.array_equal(jax.random.key_data(placed["key"]), jax.random.key_data(tree["key"]))
 
 
 def test_param_sharding_rules():
