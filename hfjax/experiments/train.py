@@ -18,9 +18,10 @@ this module holds the loop, :func:`train_and_evaluate`. The run writes to the wo
   checkpoint and the end); between reads the loop makes no device-to-host transfer (it runs
   under ``jax.transfer_guard_device_to_host("disallow")``), so an accelerator takes the steps
   back to back; the one exception is a variance-test gradient schedule, whose next sizes the
-  step decides from its gradients and the loop reads after every step. Stops that depend on the diagnostics (``budget_examples``,
-  ``max_consecutive_rejections``) or on the measured time (``budget_seconds``) are checked at
-  reads, so a run may take up to ``log_every - 1`` steps past them;
+  step decides from its gradients and the loop reads after every step. Stops that depend on
+  the diagnostics (``budget_examples``, ``max_consecutive_rejections``) or on the measured
+  time (``budget_seconds``) are checked at reads, so a run may take up to ``log_every - 1``
+  steps past them;
 - ``summary.json``: the final numbers, also printed;
 - ``loss.png``: training and test loss against wall time and against examples processed;
 - ``checkpoints/``: with ``checkpoint_every > 0``, and always on Ctrl-C (``--resume`` goes on
@@ -81,6 +82,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
 import hfjax
@@ -120,16 +122,45 @@ class _Evaluator:
 
 
 def _placement(config: ml_collections.ConfigDict):
-  """``(place_batch, place_tree)``: identity on one device, data-parallel with a mesh."""
-  if not config.mesh_shape:
+  """``(place_batch, place_tree)``: identity on one device, data-parallel with a mesh.
+
+  With several processes the mesh holds every device of every process (``mesh_shape``
+  defaults to all of them on ``"data"``). Every process draws the same global batch (the
+  sampler has the same seed everywhere) and places only its own share of the examples on its
+  own devices (:func:`hfjax.sharding.shard_local_batch`).
+  """
+  if not config.mesh_shape and jax.process_count() == 1:
     identity = lambda tree: tree
     return identity, identity
   from hfjax import sharding
 
-  mesh = sharding.make_mesh(tuple(config.mesh_shape))
-  return (lambda batch: sharding.shard_batch(batch, mesh)), (
-    lambda tree: sharding.replicate(tree, mesh)
-  )
+  mesh = sharding.make_mesh(tuple(config.mesh_shape) if config.mesh_shape else None)
+  share, shares = _local_share(mesh)
+
+  def place_batch(batch):
+    def mine(leaf):
+      size = len(leaf) // shares
+      return leaf[share * size : (share + 1) * size]
+
+    return sharding.shard_local_batch(jax.tree.map(mine, batch), mesh)
+
+  return place_batch, lambda tree: sharding.replicate(tree, mesh)
+
+
+def _local_share(mesh) -> tuple[int, int]:
+  """``(index, count)``: this process's share of a batch, by its place on the ``"data"`` axis.
+
+  :func:`hfjax.sharding.shard_local_batch` joins the shares in the order of the processes'
+  first places on that axis; processes that share places pass the same share.
+  """
+  from hfjax import sharding
+
+  axis = mesh.axis_names.index(sharding.DATA_AXIS)
+  first: dict[int, int] = {}
+  for index, device in np.ndenumerate(mesh.devices):
+    first[device.process_index] = min(first.get(device.process_index, index[axis]), index[axis])
+  places = sorted(set(first.values()))
+  return places.index(first[jax.process_index()]), len(places)
 
 
 def _enable_compilation_cache(directory: str) -> None:
@@ -179,10 +210,46 @@ def _write_atomically(path: pathlib.Path, write: Any) -> None:
   os.replace(tmp, path)
 
 
-def _write_lines(log: Any, records: list[dict]) -> None:
-  """Appends whole records, one line each; what a kill tears is the unterminated last line."""
-  log.write("".join(json.dumps(r) + "\n" for r in records))
-  log.flush()
+class _Metrics:
+  """``metrics.jsonl``, written by process 0 only; every process keeps the records.
+
+  Args:
+    path: the file.
+    resume_step: the step resumed from: the records after it (redone) and a torn last line
+      are dropped; ``None``: a new run, the file starts empty.
+  """
+
+  def __init__(self, path: pathlib.Path, resume_step: int | None):
+    self.writer = jax.process_index() == 0
+    self.records = [] if resume_step is None else _read_metrics(path, up_to_step=resume_step)
+    self._file = None
+    if not self.writer:
+      return
+    if resume_step is None:
+      path.unlink(missing_ok=True)
+    else:
+      kept = "".join(json.dumps(r) + "\n" for r in self.records)
+      _write_atomically(path, lambda tmp: tmp.write_text(kept))
+    self._file = path.open("a")
+
+  def write(self, records: list[dict]) -> None:
+    """Appends whole records, one line each; a kill can tear only the unterminated last one."""
+    self.records.extend(records)
+    if self._file is not None:
+      self._file.write("".join(json.dumps(r) + "\n" for r in records))
+      self._file.flush()
+
+  def sync(self) -> None:
+    """Puts the records written so far on disk."""
+    if self._file is not None:
+      os.fsync(self._file.fileno())
+
+  def __enter__(self) -> _Metrics:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._file is not None:
+      self._file.close()
 
 
 def first_below(records: list[dict], target: float) -> dict | None:
@@ -259,10 +326,19 @@ class _Group:
     """Seconds of training since :meth:`restart`, compilation excluded."""
     return time.perf_counter() - self._start - (self._compiled.compile_time - self._compile)
 
+  def estimate(self) -> float:
+    """The wall time now, for decisions between reads; with several processes, the time at
+    the last read, which every process knows alike (so they decide alike)."""
+    return self.wall + self.elapsed() if jax.process_count() == 1 else self.wall
+
   def read(self) -> list[dict]:
-    """The pending steps' records, in one transfer; the group's time is shared out evenly."""
+    """The pending steps' records, in one transfer; the group's time is shared out evenly
+    (process 0's time with several processes, so that they agree on the budget)."""
     records = optimizers.read_records(self.pending)
-    share = self.elapsed() / len(records)
+    elapsed = self.elapsed()
+    if jax.process_count() > 1:
+      elapsed = float(multihost_utils.broadcast_one_to_all(np.float64(elapsed)))
+    share = elapsed / len(records)
     step, wall, examples = self.step, self.wall, self.examples
     for i, record in enumerate(records):
       step, wall, examples = step + 1, wall + share, examples + record.pop("examples")
@@ -339,6 +415,9 @@ def train_and_evaluate(
 ) -> dict:
   """Runs one training job and writes metrics, summary, plot and checkpoints to ``workdir``.
 
+  With several JAX processes every process calls this with the same arguments; process 0
+  writes the files.
+
   Returns:
     The summary (also in ``<workdir>/summary.json``).
 
@@ -365,18 +444,13 @@ def train_and_evaluate(
 
   step, wall, examples = 0, 0.0, 0
   previous_compile = 0.0
-  metrics_path = workdir / "metrics.jsonl"
   workdir.mkdir(parents=True, exist_ok=True)
   restored = resume and _restore(workdir, config, task, params, opt_state, sampler)
   if restored:
     step, params, opt_state, extra = restored
     wall, examples = float(extra["wall_time"]), int(extra["examples_processed"])
     previous_compile = float(extra.get("compile_time", 0.0))
-    # The checkpoint's records were written before it; later ones are redone.
-    kept = "".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path, up_to_step=step))
-    _write_atomically(metrics_path, lambda path: path.write_text(kept))
-  elif metrics_path.exists():
-    metrics_path.unlink()
+  log = _Metrics(workdir / "metrics.jsonl", step if restored else None)
   optimizer.sync(opt_state)
   params, opt_state = place_tree(params), place_tree(opt_state)
 
@@ -391,7 +465,7 @@ def train_and_evaluate(
     last_eval_wall = record["wall_time"]
 
   def save() -> None:
-    os.fsync(log.fileno())  # the checkpoint's records are on disk before it
+    log.sync()  # the checkpoint's records are on disk before it
     extra = {
       "wall_time": wall,
       "examples_processed": examples,
@@ -400,14 +474,14 @@ def train_and_evaluate(
     }
     _save(workdir, step, task, params, opt_state, extra)
 
-  bar = _progress(config.num_steps, config.progress and sys.stderr.isatty())
+  bar = _progress(config.num_steps, config.progress and log.writer and sys.stderr.isatty())
   bar.update(step)
   group = _Group(compiled, step, wall, examples)
-  with metrics_path.open("a") as log:
+  with log:
     if step == 0:
       first = {"step": 0, "wall_time": 0.0, "examples_processed": 0}
       evaluation(first, params)
-      _write_lines(log, [first])
+      log.write([first])
     unwritten: list[dict] = []
     try:
       while stop is None and step < config.num_steps:
@@ -419,7 +493,7 @@ def train_and_evaluate(
             group.pending.append(pending)
             step += 1
             _crash_point("step")
-            estimate = group.wall + group.elapsed()
+            estimate = group.estimate()
             eval_due = _eval_due(config, step, estimate, last_eval_wall)
             read_due = _read_due(config, step, estimate)
         unwritten = group.read()
@@ -430,7 +504,7 @@ def train_and_evaluate(
           )
         if eval_due or _eval_due(config, step, wall, last_eval_wall) or stop is not None:
           evaluation(unwritten[-1], params)
-        _write_lines(log, unwritten)
+        log.write(unwritten)
         unwritten = []
         _crash_point("records")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -444,7 +518,7 @@ def train_and_evaluate(
       if group.pending:
         unwritten += group.read()
         wall, examples = group.wall, group.examples
-      _write_lines(log, unwritten)
+      log.write(unwritten)
       save()
       raise
     bar.close()
@@ -452,14 +526,14 @@ def train_and_evaluate(
     if config.checkpoint_every and step % config.checkpoint_every != 0:
       save()
 
-  records = _read_metrics(metrics_path)
   compile_time = previous_compile + compiled.compile_time
-  summary = _summary(config, records, step, stop, wall, compile_time, examples)
-  text = json.dumps(summary, indent=2) + "\n"
-  _write_atomically(workdir / "summary.json", lambda path: path.write_text(text))
-  if config.plot:
+  summary = _summary(config, log.records, step, stop, wall, compile_time, examples)
+  if log.writer:
+    text = json.dumps(summary, indent=2) + "\n"
+    _write_atomically(workdir / "summary.json", lambda path: path.write_text(text))
+  if config.plot and log.writer:
     title = f"{config.dataset.name} {config.model.kind}, {config.optimizer.name}"
-    plot = lambda path: plotting.plot_run(records, path, title, log_y=True)
+    plot = lambda path: plotting.plot_run(log.records, path, title, log_y=True)
     _write_atomically(workdir / "loss.png", plot)
   return summary
 
