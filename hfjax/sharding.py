@@ -42,16 +42,18 @@ of two forms:
 
 - the *global* batch, identical on every process: :func:`shard_batch` (the call above), each
   process keeping only its own examples;
-- each process's own share, loaded by that process only: :func:`shard_local_batch`, which
-  joins the shares along the example axis in the order of the processes' places on the
-  ``"data"`` axis (process 0's first for the mesh of :func:`make_mesh`). The global batch
-  size is then the local one times the number of processes along ``"data"``
+- each process's own share, loaded by that process only: :func:`shard_local_batch` joins the
+  shares along the example axis, in the order that :func:`local_share` gives each process
+  (process order on CPUs; on GPUs and TPUs :func:`make_mesh` orders devices by topology).
+  The global batch size is then the local one times the number of shares
   (``jax.process_count()`` for the mesh of :func:`make_mesh`)::
 
     jax.distributed.initialize()
     mesh = hfjax.sharding.make_mesh()
     params = hfjax.sharding.replicate(init_params(seed=0), mesh)  # same seed everywhere
-    for inputs, targets in my_share_of_the_batches(jax.process_index(), jax.process_count()):
+    opt_state = hfjax.sharding.replicate(tx.init(params), mesh)
+    index, count = hfjax.sharding.local_share(mesh)
+    for inputs, targets in my_share_of_the_batches(index, count):
       batch = hfjax.sharding.shard_local_batch((inputs, targets), mesh)
       params, opt_state = step(params, opt_state, batch)
 
@@ -119,13 +121,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def _local_data_size(mesh: Mesh) -> int:
-  """How many places on the ``"data"`` axis hold devices of this process (all, with one)."""
+def _data_places(mesh: Mesh) -> dict[int, tuple[int, ...]]:
+  """The places on the ``"data"`` axis that hold devices of each process, by process index."""
+  _data_size(mesh)
   axis = mesh.axis_names.index(DATA_AXIS)
-  here = jax.process_index()
-  return len(
-    {index[axis] for index, device in np.ndenumerate(mesh.devices) if device.process_index == here}
-  )
+  places = {}
+  for index, device in np.ndenumerate(mesh.devices):
+    places.setdefault(device.process_index, set()).add(index[axis])
+  return {process: tuple(sorted(held)) for process, held in places.items()}
+
+
+def local_share(mesh: Mesh) -> tuple[int, int]:
+  """``(index, count)``: which share of each global batch this process loads.
+
+  For :func:`shard_local_batch`: the global batch is ``count`` equal shares and this process
+  passes share ``index``, e.g. examples ``index * n // count`` to ``(index + 1) * n // count``
+  of a global batch of ``n``. Shares follow the processes' places on the ``"data"`` axis, so
+  processes that share places (a ``"model"`` axis across them) get the same index, and
+  ``count`` is ``jax.process_count()`` for the mesh of :func:`make_mesh`. With one process,
+  ``(0, 1)``. (When a process's places on ``"data"`` are not contiguous, as some TPU meshes
+  lay them out, the shares still make up the batch, with its examples in another order.)
+
+  Args:
+    mesh: from :func:`make_mesh`.
+
+  Returns:
+    This process's share index and the number of shares.
+  """
+  places = _data_places(mesh)
+  shares = sorted(set(places.values()))
+  return shares.index(places[jax.process_index()]), len(shares)
 
 
 def _check_batch(batch: Any, parts: int, what: str) -> None:
@@ -169,10 +194,11 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def shard_local_batch(local_batch: Any, mesh: Mesh) -> Any:
   """The global batch made of every process's own share, split over the ``"data"`` axis.
 
-  Each process passes only the examples it loaded, and gets the same global arrays as
-  :func:`shard_batch` of all shares joined along the example axis, in the order of the
-  processes' places on the ``"data"`` axis. With one process, the same as :func:`shard_batch`.
-  Built with ``jax.make_array_from_process_local_data``: no example leaves its process.
+  Each process passes only the examples it loaded (its share, :func:`local_share` says which),
+  and gets the same global arrays as :func:`shard_batch` of all shares joined along the
+  example axis in the order of their indices. With one process, the same as
+  :func:`shard_batch`. Built with ``jax.make_array_from_process_local_data``: no example
+  leaves its process.
 
   Args:
     local_batch: a pytree of arrays with a common leading example axis: this process's share,
@@ -182,14 +208,13 @@ def shard_local_batch(local_batch: Any, mesh: Mesh) -> Any:
 
   Returns:
     Global ``jax.Array``\\ s sharded by :func:`batch_sharding`, whose leading axis is the
-    local one times the number of processes along ``"data"``.
+    local one times the number of shares (``local_share(mesh)[1]``).
 
   Raises:
     ValueError: when a leaf has no leading axis or its size is not a multiple of the number
       of this process's places on the ``"data"`` axis.
   """
-  _data_size(mesh)
-  local = _local_data_size(mesh)
+  local = len(_data_places(mesh)[jax.process_index()])
   _check_batch(local_batch, local, f"devices of this process on the {DATA_AXIS!r} axis")
   sharding = batch_sharding(mesh)
   return jax.tree.map(

@@ -16,7 +16,11 @@ import sys
 
 import jax
 import numpy as np
+import toy
 from jax.experimental import multihost_utils
+
+import hfjax
+from hfjax import sharding
 
 DEVICES_PER_PROCESS = 4
 STEPS = 3
@@ -48,10 +52,6 @@ def load_examples(step: int, start: int, stop: int) -> tuple[np.ndarray, np.ndar
 def optimizer(preconditioner: str):
   """The transformation and its jitted step, made once per process so that cases with the
   same preconditioner and shardings share one compilation."""
-  import toy
-
-  import hfjax
-
   tx = hfjax.hessian_free(
     toy.apply_fn, toy.loss_fn, preconditioner=preconditioner, max_cg_steps=MAX_CG_STEPS
   )
@@ -65,8 +65,6 @@ def train(preconditioner: str, put_batch=None, put_tree=None) -> tuple[dict, lis
   ``put_batch(step)`` gives the batch of ``step`` on the devices and
   ``put_tree(params, state)`` places the parameters and state; ``None``: one device.
   """
-  import toy
-
   tx, step_fn = optimizer(preconditioner)
   params = toy.init_params(0)
   state = tx.init(params)
@@ -89,6 +87,11 @@ def _read(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _read_all(x: np.ndarray) -> np.ndarray:
+  """``x`` of every process, stacked by process index (a collective)."""
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
 def _message(call) -> str:
   try:
     call()
@@ -103,8 +106,6 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
   jax.distributed.initialize(
     coordinator_address=f"localhost:{port}", num_processes=num_processes, process_id=process_id
   )
-  from hfjax import sharding
-
   assert jax.process_count() == num_processes
   assert jax.device_count() == num_processes * DEVICES_PER_PROCESS
   meshes = {
@@ -121,13 +122,12 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
 
     return put
 
-  share = BATCH // num_processes
+  def my_share(step, mesh):
+    index, count = sharding.local_share(mesh)
+    return load_examples(step, index * BATCH // count, (index + 1) * BATCH // count)
+
   forms = {
-    "local": lambda mesh: (
-      lambda step: sharding.shard_local_batch(
-        load_examples(step, process_id * share, (process_id + 1) * share), mesh
-      )
-    ),
+    "local": lambda mesh: lambda step: sharding.shard_local_batch(my_share(step, mesh), mesh),
     "global": lambda mesh: lambda step: sharding.shard_batch(load_examples(step, 0, BATCH), mesh),
   }
   results = {}
@@ -145,16 +145,17 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
   results["committed"] = _read(placed[0])
   results["committed_key_data"] = _read(jax.random.key_data(placed[1]))
   # On the 4 x 2 mesh, each device holds half of each parameter.
-  import toy
-
   w1 = put_tree(meshes["data_model"])(toy.init_params(0), ())[0]["w1"]
   results["model_w1_shards"] = np.array([shard.data.shape for shard in w1.addressable_shards])
   # The batch really is global, each process holding only its own examples.
-  batch = sharding.shard_local_batch(
-    load_examples(0, process_id * share, (process_id + 1) * share), mesh
-  )
+  batch = sharding.shard_local_batch(my_share(0, mesh), mesh)
   results["local_rows"] = np.array([shard.data.shape[0] for shard in batch[0].addressable_shards])
   results["global_shape"] = np.array(batch[0].shape)
+  # local_share of every process: by process on "data" meshes; one share for all when the
+  # processes lie along "model" and each holds every place of "data".
+  model_across = sharding.make_mesh((num_processes, DEVICES_PER_PROCESS), ("model", "data"))
+  for name, mesh_of in {**meshes, "model_across": model_across}.items():
+    results[f"share/{name}"] = _read_all(np.array(sharding.local_share(mesh_of)))
   results["error_differ"] = np.array(
     _message(lambda: sharding.replicate({"w": np.full(3, process_id, np.float32)}, mesh))
   )

@@ -122,6 +122,10 @@ def test_two_processes_match_one_device(tmp_path):
   share = worker.BATCH // NUM_PROCESSES // worker.DEVICES_PER_PROCESS
   assert result["local_rows"].tolist() == [share] * worker.DEVICES_PER_PROCESS
   assert result["global_shape"].tolist() == [worker.BATCH, 4]
+  # local_share by process on "data" meshes, one share for both with "model" across them.
+  assert result["share/data"].tolist() == [[0, 2], [1, 2]]
+  assert result["share/data_model"].tolist() == [[0, 2], [1, 2]]
+  assert result["share/model_across"].tolist() == [[0, 1], [0, 1]]
   # place() with param_sharding on the 4 x 2 mesh splits w1 (4, 8) over "model".
   assert result["model_w1_shards"].tolist() == [[4, 4]] * worker.DEVICES_PER_PROCESS
   # What jax.device_put refuses onto other processes' devices: a committed array and a key.

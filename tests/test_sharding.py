@@ -370,6 +370,7 @@ def test_make_mesh_on_one_device():
 
   mesh = sharding.make_mesh()
   assert mesh.shape == {"data": jax.device_count()}
+  assert sharding.local_share(mesh) == (0, 1)
   with pytest.raises(ValueError, match="product of the shape must equal the device count"):
     sharding.make_mesh((jax.device_count() + 1,))
   with pytest.raises(ValueError, match="differ in length"):
