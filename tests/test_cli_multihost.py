@@ -4,9 +4,10 @@ Both processes run ``python -m hfjax.experiments.train`` with ``--coordinator_ad
 ``--num_processes`` and ``--process_id`` (gloo CPU collectives on localhost): the run is
 data-parallel over all 8 devices, each process placing only its own share of every batch.
 Only process 0 writes the metrics and the summary and prints; both write the checkpoints
-through Orbax. The per-step losses, the evaluations and the final parameters must match a
-one-device run of the same config to a relative 1e-5 (float32; the reductions over examples
-are split differently, so not bitwise).
+through Orbax, and both restore them: the two processes stop after half the steps and are
+started again with ``--resume``. The per-step losses, the evaluations and the final
+parameters must match a one-device run of the same config to a relative 1e-5 (float32; the
+reductions over examples are split differently, so not bitwise).
 """
 
 import json
@@ -49,8 +50,9 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _start(workdir: pathlib.Path, env: dict, *flags: str) -> subprocess.Popen:
-  args = [f"--config.{key}={value}".replace(" ", "") for key, value in OVERRIDES.items()]
+def _start(workdir: pathlib.Path, env: dict, *flags: str, num_steps=NUM_STEPS) -> subprocess.Popen:
+  overrides = {**OVERRIDES, "num_steps": num_steps}
+  args = [f"--config.{key}={value}".replace(" ", "") for key, value in overrides.items()]
   command = [sys.executable, "-m", "hfjax.experiments.train", f"--config={REPO}/configs/default.py"]
   return subprocess.Popen(
     [*command, *args, f"--workdir={workdir}", *flags],
@@ -61,14 +63,14 @@ def _start(workdir: pathlib.Path, env: dict, *flags: str) -> subprocess.Popen:
   )
 
 
-def _finish(process: subprocess.Popen) -> str:
+def _finish(process: subprocess.Popen) -> tuple[str, str]:
   try:
     out, err = process.communicate(timeout=300)
   finally:
     process.kill()
   err = "\n".join(line for line in err.splitlines() if "[Gloo]" not in line)
   assert process.returncode == 0, err[-3000:]
-  return out
+  return out, err
 
 
 def _final_params(workdir: pathlib.Path):
@@ -101,26 +103,38 @@ def test_two_processes_train_as_one(tmp_path):
     ),
   }
   one = _start(tmp_path / "one", env)
-  port = _free_port()
   several = {
     **env,
     "JAX_NUM_CPU_DEVICES": str(DEVICES_PER_PROCESS),
     "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    # The second start finds the programs the first compiled.
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   }
-  processes = [
-    _start(
-      tmp_path / "two",
-      several,
-      f"--coordinator_address=localhost:{port}",
-      f"--num_processes={NUM_PROCESSES}",
-      f"--process_id={index}",
-    )
-    for index in range(NUM_PROCESSES)
-  ]
-  outputs = [_finish(process) for process in processes]
+
+  def start_both(*flags: str, num_steps: int) -> list[str]:
+    port = _free_port()
+    processes = [
+      _start(
+        tmp_path / "two",
+        several,
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={NUM_PROCESSES}",
+        f"--process_id={index}",
+        *flags,
+        num_steps=num_steps,
+      )
+      for index in range(NUM_PROCESSES)
+    ]
+    return [_finish(process) for process in processes]
+
+  start_both(num_steps=NUM_STEPS // 2)
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
+  (out0, err0), (out1, _) = start_both("--resume", num_steps=NUM_STEPS)
+  assert "no checkpoint" not in err0  # resumed from step 2
   _finish(one)
   # Only process 0 prints and writes; the metrics hold each step once.
-  assert "summary:" in outputs[0] and "summary:" not in outputs[1]
+  assert "summary:" in out0 and "summary:" not in out1
   records = {
     name: [
       json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()

@@ -135,7 +135,7 @@ def _placement(config: ml_collections.ConfigDict):
   from hfjax import sharding
 
   mesh = sharding.make_mesh(tuple(config.mesh_shape) if config.mesh_shape else None)
-  share, shares = _local_share(mesh)
+  share, shares = sharding.local_share(mesh)
 
   def place_batch(batch):
     def mine(leaf):
@@ -145,22 +145,6 @@ def _placement(config: ml_collections.ConfigDict):
     return sharding.shard_local_batch(jax.tree.map(mine, batch), mesh)
 
   return place_batch, lambda tree: sharding.replicate(tree, mesh)
-
-
-def _local_share(mesh) -> tuple[int, int]:
-  """``(index, count)``: this process's share of a batch, by its place on the ``"data"`` axis.
-
-  :func:`hfjax.sharding.shard_local_batch` joins the shares in the order of the processes'
-  first places on that axis; processes that share places pass the same share.
-  """
-  from hfjax import sharding
-
-  axis = mesh.axis_names.index(sharding.DATA_AXIS)
-  first: dict[int, int] = {}
-  for index, device in np.ndenumerate(mesh.devices):
-    first[device.process_index] = min(first.get(device.process_index, index[axis]), index[axis])
-  places = sorted(set(first.values()))
-  return places.index(first[jax.process_index()]), len(places)
 
 
 def _enable_compilation_cache(directory: str) -> None:
