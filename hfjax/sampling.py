@@ -50,7 +50,7 @@ class SampleSchedule(NamedTuple):
 
   def grid(self) -> list[int]:
     """Every size this schedule can produce, ascending."""
-    return list(_grid_table(self)[1])
+    return sorted(set(_grid_table(self)[1]))
 
   def round_up(self, target: float) -> int:
     """``target`` (the float32 target a state holds) rounded up to the grid, on the host.

@@ -55,6 +55,7 @@ _HOST_SCHEDULES = [
   hfjax.geometric_schedule(1, 60000, factor=1.5, grid_ratio=3.0),
   hfjax.geometric_schedule(16, 1024, factor=2.0),  # targets land exactly on grid points
   hfjax.geometric_schedule(100, 101, factor=1.001, grid_ratio=1.01),
+  hfjax.geometric_schedule(100, 103, factor=1.001, grid_ratio=1.002),  # sizes round alike
   hfjax.fixed_schedule(5),
 ]
 
