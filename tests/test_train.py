@@ -1,6 +1,5 @@
 """End-to-end checks of the training script and the ablation runner, at tiny sizes."""
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -560,36 +559,33 @@ def test_host_follows_the_sample_sizes_the_step_computes(gradient, curvature):
   assert len(seen) >= 4 and max(seen)[0] == gradient.maximum
 
 
-def test_steps_between_reads_make_no_device_to_host_transfer(tmp_path, monkeypatch):
-  # jax.transfer_guard_device_to_host guards the steps between reads, but the CPU backend
-  # never fires it (its arrays are host memory), so a spy on jax.Array's host value, the
-  # path of float(), int(), np.asarray and jax.device_get, refuses every read there too.
+@pytest.fixture
+def device_to_host_guard(monkeypatch):
+  """``jax.transfer_guard_device_to_host`` made to fire on the CPU backend too.
+
+  The CPU backend never fires it (its arrays are host memory), so jax.Array's host value,
+  the path of ``float()``, ``int()``, ``np.asarray`` and ``jax.device_get``, raises wherever
+  the guard says ``"disallow"``. Yields the shapes of the reads allowed.
+  """
   from jax._src import array
 
   host_value = array.ArrayImpl._value
-  inside, reads = [], []
+  reads = []
 
   def value(self):
-    if inside:
+    if str(jax.transfer_guard_device_to_host.value).startswith("disallow"):
       raise AssertionError(f"a device-to-host read between reads, shape {self.shape}")
     reads.append(self.shape)
     return host_value.fget(self)
 
-  guard = train._no_device_reads
-
-  @contextlib.contextmanager
-  def spied():
-    with guard():
-      inside.append(True)
-      try:
-        yield
-      finally:
-        inside.pop()
-
   monkeypatch.setattr(array.ArrayImpl, "_value", property(value))
-  monkeypatch.setattr(train, "_no_device_reads", spied)
-  with pytest.raises(AssertionError, match="device-to-host read"), spied():
-    float(jax.numpy.ones(()) + 1)  # the negative control: the old per-step read
+  with pytest.raises(AssertionError, match="device-to-host read"):
+    with jax.transfer_guard_device_to_host("disallow"):
+      float(jax.numpy.ones(()) + 1)  # the negative control: the old per-step read
+  yield reads
+
+
+def test_steps_between_reads_make_no_device_to_host_transfer(tmp_path, device_to_host_guard):
   geometric = {"kind": "geometric", "start": 719, "maximum": 1437, "factor": 1.5}
   overrides = {
     "num_steps": 7,
@@ -599,7 +595,7 @@ def test_steps_between_reads_make_no_device_to_host_transfer(tmp_path, monkeypat
   for log_every in (4, 1):
     config = _config("digits_classifier", log_every=log_every, **overrides)
     train.train_and_evaluate(config, tmp_path / str(log_every))
-  assert reads  # reads happen, at the read points
+  assert device_to_host_guard  # reads happen, at the read points
   grouped, each = _records(tmp_path / "4"), _records(tmp_path / "1")
   # One record per step and the same steps, whether read in groups or one by one.
   assert [r["step"] for r in grouped] == list(range(8))
@@ -610,3 +606,12 @@ def test_steps_between_reads_make_no_device_to_host_transfer(tmp_path, monkeypat
   assert list(map(timeless, grouped)) == list(map(timeless, each))
   walls = [r["wall_time"] for r in grouped]
   assert walls == sorted(walls)
+
+
+def test_variance_test_sampling_reads_only_its_sizes_between_reads(tmp_path, device_to_host_guard):
+  # The variance test decides the next sizes on the device: the one read allowed in between.
+  variance = {"kind": "variance", "start": 1437, "maximum": 1437}
+  overrides = {f"optimizer.gradient_schedule.{k}": v for k, v in variance.items()}
+  config = _config("digits_classifier", num_steps=3, eval_every=0, log_every=3, **overrides)
+  train.train_and_evaluate(config, tmp_path)
+  assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2, 3]
