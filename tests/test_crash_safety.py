@@ -146,3 +146,5 @@ def test_killed_anywhere_and_resumed_ends_with_the_same_losses(env, tmp_path):
   assert summary["steps"] == NUM_STEPS
   assert summary["final_train_loss"] == expected[-1][2]
   assert not list(run.glob(".*.tmp*"))
+  # Saving step 6 again replaced the unfinished directory; Orbax kept the newest three.
+  assert _checkpoints(run) == ["4", "6", "8"]
