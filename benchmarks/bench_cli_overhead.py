@@ -65,7 +65,12 @@ def main(argv: list[str]) -> None:
   common.print_header(
     "training CLI loop vs the bare HF step (MNIST autoencoder, CURVES data)", common.script_flags()
   )
-  workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_cli_"))
+  with tempfile.TemporaryDirectory(prefix="bench_cli_") as workdir:
+    measure(pathlib.Path(workdir))
+
+
+def measure(workdir: pathlib.Path) -> None:
+  """Runs the variants (runs and XLA cache under ``workdir``) and prints the table."""
   config = make_config(str(workdir / "xla_cache"))
   task = task_lib.load_task(config)
   sampler = hfjax.BatchSampler((task.data.x_train, task.data.y_train), seed=config.seed)

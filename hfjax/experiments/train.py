@@ -466,6 +466,7 @@ def train_and_evaluate(
       first = {"step": 0, "wall_time": 0.0, "examples_processed": 0}
       evaluation(first, params)
       log.write([first])
+    group.restart()  # the initial evaluation is not training time
     unwritten: list[dict] = []
     try:
       while stop is None and step < config.num_steps:
