@@ -262,31 +262,39 @@ def _put_tree(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(_put, tree, shardings)
 
 
-def _check_same_on_every_process(tree: Any) -> None:
-  """Raises unless every process holds bitwise the same leaves (one small all-gather).
+def _check_same_on_every_process(tree: Any, shardings: Any) -> None:
+  """Raises unless every process holds bitwise the same leaves where ``shardings`` span
+  several processes (one small all-gather of checksums; none when no sharding does).
 
   Replicas that differ (parameters initialised from another seed on each host) would run
   without error and silently train a different model on each device.
   """
-  leaves_with_paths = [
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  spanning = [
     (path, leaf)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    if not (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
+    for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings), strict=True
+    )
+    if not sharding.is_fully_addressable
+    and not (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
   ]
+  if not spanning:
+    return
   checksums = np.array(
-    [zlib.crc32(np.ascontiguousarray(_host_copy(leaf)).tobytes()) for _, leaf in leaves_with_paths],
+    [zlib.crc32(np.ascontiguousarray(_host_copy(leaf)).tobytes()) for _, leaf in spanning],
     dtype=np.uint32,
   )
   everywhere = np.asarray(multihost_utils.process_allgather(checksums))
   differ = [
-    jax.tree_util.keystr(path)
-    for (path, _), column in zip(leaves_with_paths, everywhere.T, strict=True)
+    jax.tree_util.keystr(path) or "(the root)"
+    for (path, _), column in zip(spanning, everywhere.T, strict=True)
     if np.any(column != column[0])
   ]
   if differ:
     raise ValueError(
-      f"leaves {', '.join(differ) or '(the root)'} differ between processes; every process "
-      "must pass the same values (e.g. initialise the parameters from the same seed)."
+      f"leaves {', '.join(differ)} differ between processes; every process must pass the "
+      "same values (e.g. initialise the parameters from the same seed)."
     )
 
 
@@ -302,10 +310,11 @@ def place(tree: Any, shardings: Any) -> Any:
     ``tree`` as global ``jax.Array``\\ s with those shardings.
 
   Raises:
-    ValueError: with several processes, when a leaf is not the same on every process.
+    ValueError: with several processes, when a leaf placed on devices of several processes
+      is not the same on every process.
   """
   if jax.process_count() > 1:
-    _check_same_on_every_process(tree)
+    _check_same_on_every_process(tree, shardings)
   return _put_tree(tree, shardings)
 
 

@@ -173,6 +173,9 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
     _message(lambda: sharding.shard_local_batch(load_examples(0, 0, 6), mesh))
   )
   if process_id == 0:
+    # Onto this process's devices only: no collective, so one process may call it alone.
+    local = sharding.place(np.arange(2.0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    results["local_place"] = np.asarray(local)
     np.savez(out, **results)
 
 

@@ -134,6 +134,7 @@ def test_two_processes_match_one_device(tmp_path):
     result["committed_key_data"], jax.random.key_data(jax.random.key(1))
   )
   assert re.search(r"leaves \['w'\] differ between processes", str(result["error_differ"]))
+  np.testing.assert_array_equal(result["local_place"], np.arange(2.0))
   assert re.search(
     r"6 examples, not divisible by the 4 devices of this process", str(result["error_local"])
   )
