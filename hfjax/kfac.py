@@ -248,8 +248,10 @@ def _probe(loss_fn: LossFn, outputs: Any, targets: Any) -> tuple[_Probe, _Probe]
   except TypeError:  # an unhashable loss_fn is traced afresh each time
     hvps = jax.jit(lambda args: _probe_products.__wrapped__(loss_fn, args))
   try:
-    with jax.ensure_compile_time_eval():
-      hvs = hvps(args)
+    # The probe runs on host values at trace time, so even under a user's
+    # jax.transfer_guard("disallow") around a training loop it is an allowed transfer.
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
+      hvs = jax.device_get(hvps(args))
   except Exception as err:  # noqa: BLE001 - any failure means the loss cannot be probed
     raise ValueError(
       f"could not evaluate loss_fn on probe outputs of per-example shape "

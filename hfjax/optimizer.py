@@ -606,11 +606,22 @@ class _Backtracked(NamedTuple):
   evaluations: jax.Array
 
 
+# Losses within this many units of round-off of each other tie in the backtracking walk.
+_TIE_ULPS = 32
+
+
 def _backtrack(
   result: CGResult, validation_loss: Callable[[Any], jax.Array], dtype: Any
 ) -> _Backtracked:
   """Walks the recorded iterates from the newest backwards while ``validation_loss``
-  keeps falling, and keeps the best (empty slots and non-finite losses never win)."""
+  keeps falling, and keeps the best (empty slots and non-finite losses never win).
+
+  "Falling" means by more than ``_TIE_ULPS`` units of round-off of the best loss so far: once
+  CG has converged, neighbouring iterates have losses equal up to rounding, and which of them
+  a strict comparison keeps would depend on the summation order, so on the device layout (a
+  data-parallel run then chose another iterate than one device in 3 of 5 mesh layouts). A
+  tie keeps the newer iterate.
+  """
   order = jnp.argsort(-result.iterate_steps)
 
   def iterate(j):
@@ -622,7 +633,8 @@ def _backtrack(
   def step(walk: _Walk) -> _Walk:
     recorded = result.iterate_steps[order[walk.index]] >= 0
     f = finite_or(validation_loss(iterate(walk.index)), jnp.inf)
-    better = recorded & (f < walk.best_loss)
+    tie = _TIE_ULPS * jnp.finfo(walk.best_loss.dtype).eps * jnp.abs(walk.best_loss)
+    better = recorded & (f < walk.best_loss - jnp.where(jnp.isfinite(tie), tie, 0))
     return _Walk(
       index=walk.index + 1,
       best=jnp.where(better, walk.index, walk.best),

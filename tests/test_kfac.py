@@ -97,6 +97,21 @@ def test_detection_works_while_tracing():
   np.testing.assert_allclose(scale(jnp.ones((4, 5)), jnp.zeros((4, 5))), 0.2, rtol=1e-5)
 
 
+def test_loss_probe_runs_under_a_transfer_guard():
+  # The probe evaluates loss_fn on host values while tracing: allowed even when the user's
+  # loop disallows transfers (on CPU the host-to-device direction fires).
+  params = {"b": jnp.zeros(2), "w": jnp.ones((3, 2))}
+  apply_fn = lambda p, x: x @ p["w"] + p["b"]
+  batch = (jnp.eye(3), jnp.zeros((3, 2)))
+  key = jax.random.key(0)
+  build = jax.jit(lambda p, b, k: kfac.kfac_factors(apply_fn, models.squared_error, p, b, k))
+  with jax.transfer_guard("disallow"):
+    factors = build(params, batch, key)
+    with pytest.raises(Exception, match="[Dd]isallowed"):
+      jnp.asarray(np.ones(3))  # the guard is on
+  np.testing.assert_allclose(factors.a_factors[0][:3, :3], np.eye(3) / 3, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
   "loss_fn, match",
   [
