@@ -10,6 +10,9 @@ How :func:`cg` differs from ``jax.scipy.sparse.linalg.cg`` and lineax's CG, and 
 - Iterates on Martens' schedule are recorded for CG backtracking, Martens' relative-progress
   rule can stop the solve, and a failing step (non-finite values, :math:`p^\\top A p \\le 0`,
   :math:`z^\\top r \\le 0`) is not taken; the result always says why the solve stopped.
+- Whatever the tolerances, the solve stops once the residual reaches round-off
+  (``residual_floor``): steps beyond it only fit noise, and feed an L-BFGS memory pairs made of
+  rounding errors.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from hfjax.preconditioners import (
 
 Preconditioner = Callable[[Any], Any] | LBFGSState | None
 
+# The default residual_floor of cg, in units of the solve dtype's epsilon (see its docstring).
+_ROUNDOFF_ULPS = 16
+
 
 class CGStopReason(enum.IntEnum):
   """Why :func:`cg` stopped (the ``stop_reason`` field of :class:`CGResult`)."""
@@ -58,6 +64,9 @@ class CGStopReason(enum.IntEnum):
   """A matvec or preconditioner produced a NaN or Inf."""
   PRECONDITIONER_BREAKDOWN = 6
   """:math:`z^\\top r \\le 0`: the preconditioner is not positive definite."""
+  ROUNDOFF = 7
+  """The residual norm fell to round-off, ``residual_floor * ||b||``, before reaching
+  ``residual_tol * ||b||``: further steps cannot make :math:`x` more accurate."""
 
 
 class CGResult(NamedTuple):
@@ -68,7 +77,8 @@ class CGResult(NamedTuple):
     num_steps: CG steps taken, int32.
     value: the quadratic model :math:`\\phi(x) = \\frac12 x^\\top A x - b^\\top x` at ``x``.
     stop_reason: a :class:`CGStopReason` value, int32.
-    residual_norm: :math:`\\|b - A x\\|` (the recursively updated residual).
+    residual_norm: :math:`\\|b - A x\\|` as CG updates it (:math:`r_{k+1} = r_k - \\alpha_k
+      A p_k`); once it is near round-off the true residual of ``x`` stays above it.
     iterates: recorded iterates, a pytree like ``b`` with a leading axis of
       ``num_recorded`` slots (a ring buffer when fewer slots than recording steps).
     iterate_steps: the CG step of each recorded iterate, int32, -1 in an empty slot.
@@ -219,9 +229,36 @@ def _model_value(x: Any, b: Any, r: Any) -> jax.Array:
   return -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
 
 
+class _ResidualStop(NamedTuple):
+  """The residual norms at or below which the solve stops.
+
+  Attributes:
+    tol: ``residual_tol * ||b||``, the caller's tolerance.
+    floor: ``residual_floor * ||b||``, round-off.
+  """
+
+  tol: jax.Array
+  floor: jax.Array
+
+  def reasons(self, residual_norm: jax.Array) -> dict[str, jax.Array]:
+    """The ``converged`` and ``roundoff`` conditions of :func:`_stop_reason`."""
+    return {"converged": residual_norm <= self.tol, "roundoff": residual_norm <= self.floor}
+
+
+def _residual_stop(b: Any, residual_tol: float, residual_floor: float | None) -> _ResidualStop:
+  """The :class:`_ResidualStop` of a solve for ``b`` (already in its solve dtype)."""
+  if residual_floor is None:
+    # The coarsest leaf sets the round-off of the whole residual.
+    eps = max(float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(b))
+    residual_floor = _ROUNDOFF_ULPS * eps
+  b_norm = jnp.sqrt(optax.tree.vdot(b, b))
+  return _ResidualStop(tol=residual_tol * b_norm, floor=residual_floor * b_norm)
+
+
 def _stop_reason(
   *,
   converged,
+  roundoff,
   not_finite,
   breakdown,
   curvature_not_finite=False,
@@ -237,6 +274,7 @@ def _stop_reason(
     (curvature_not_finite, CGStopReason.NON_FINITE),
     (negative_curvature, CGStopReason.NEGATIVE_CURVATURE),
     (converged, CGStopReason.RESIDUAL),
+    (roundoff, CGStopReason.ROUNDOFF),
     (not_finite, CGStopReason.NON_FINITE),
     (breakdown, CGStopReason.PRECONDITIONER_BREAKDOWN),
     (stalled, CGStopReason.PROGRESS),
@@ -265,7 +303,7 @@ def _standard_beta(alpha, z, ap, rz, rz_old):
 _BETAS = {"flexible": _flexible_beta, "standard": _standard_beta}
 
 
-def _start(b, x0, apply_a, precond, converged_below, max_steps, slots) -> _Carry:
+def _start(b, x0, apply_a, precond, residual_stop, max_steps, slots) -> _Carry:
   """The carry before the first step: :math:`x_0`, :math:`r_0 = b - A x_0`,
   :math:`z_0 = M r_0`, and whether there is anything to do."""
   if x0 is None:
@@ -274,7 +312,7 @@ def _start(b, x0, apply_a, precond, converged_below, max_steps, slots) -> _Carry
     x = optax.tree.cast_like(x0, b)
     r = optax.tree.sub(b, apply_a(x))
   precond_state, z = precond.init(r)
-  rz, rr = optax.tree.vdot(r, z), optax.tree.vdot(r, r)
+  rz, residual_norm = optax.tree.vdot(r, z), jnp.sqrt(optax.tree.vdot(r, r))
   value = _model_value(x, b, r)
   dtype = jnp.result_type(*jax.tree.leaves(b))
   return _Carry(
@@ -284,11 +322,11 @@ def _start(b, x0, apply_a, precond, converged_below, max_steps, slots) -> _Carry
     rz=rz,
     step=jnp.zeros((), jnp.int32),
     stop=_stop_reason(
-      converged=rr <= converged_below,
+      **residual_stop.reasons(residual_norm),
       not_finite=~jnp.isfinite(rz) | ~jnp.isfinite(value),
       breakdown=rz <= 0,
     ),
-    residual_norm=jnp.sqrt(rr),
+    residual_norm=residual_norm,
     values=jnp.zeros(max_steps + 1, dtype).at[0].set(finite_or(value, 0)),
     precond=precond_state,
     recorded=_Recorded(
@@ -320,11 +358,13 @@ def _finish(final: _Carry, precond: _Preconditioner) -> CGResult:
   )
 
 
-def _check_arguments(b, max_steps, tol, residual_tol, beta, num_recorded) -> None:
+def _check_arguments(b, max_steps, tol, residual_tol, residual_floor, beta, num_recorded) -> None:
   if int(max_steps) != max_steps or max_steps < 1:
     raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
   if tol < 0 or residual_tol < 0:
     raise ValueError(f"tol and residual_tol must be >= 0, got {tol} and {residual_tol}.")
+  if residual_floor is not None and not residual_floor >= 0:
+    raise ValueError(f"residual_floor must be >= 0 or None, got {residual_floor!r}.")
   if beta not in _BETAS:
     raise ValueError(f"beta must be 'flexible' or 'standard', got {beta!r}.")
   if num_recorded is not None and num_recorded < 1:
@@ -342,6 +382,7 @@ def cg(
   max_steps: int = 250,
   tol: float = 5e-4,
   residual_tol: float = 0.0,
+  residual_floor: float | None = None,
   beta: str = "flexible",
   update_preconditioner: bool = True,
   initial_preconditioner: Callable[[Any], Any] | None = None,
@@ -365,9 +406,21 @@ def cg(
   The solve stops at the first of: ``max_steps`` steps; Martens' relative-progress rule
   (at step :math:`i`, with :math:`k = \\max(10, \\lceil 0.1 i \\rceil)`, stop when
   :math:`i > k`, :math:`\\phi_i < 0` and :math:`(\\phi_i - \\phi_{i-k}) / \\phi_i < k \\cdot`
-  ``tol``); a residual with :math:`\\|r\\| \\le` ``residual_tol`` :math:`\\|b\\|`; or a guard:
+  ``tol``); a residual with :math:`\\|r\\| \\le` ``residual_tol`` :math:`\\|b\\|`; a residual at
+  round-off, :math:`\\|r\\| \\le` ``residual_floor`` :math:`\\|b\\|`; or a guard:
   :math:`p^\\top A p \\le 0`, :math:`z^\\top r \\le 0`, or a non-finite value, in which case
   the step that would have failed is not taken and ``x`` is the last good iterate.
+
+  The round-off floor is why a solve with ``tol=0`` and ``residual_tol=0`` still ends: an
+  exact preconditioner converges in one step, a well-conditioned :math:`n \\times n` system
+  within :math:`n`. Both residual tests use the plain norm :math:`\\|r\\|` of the recursively
+  updated residual, whatever the preconditioner: rounding errors live in :math:`r` itself
+  (the true residual :math:`b - A x` cannot be formed more accurately than
+  :math:`\\epsilon \\|b\\|`), and the norm must not move when :math:`M_k` does. Near round-off
+  the true residual stalls at its attainable accuracy, :math:`\\epsilon \\|b\\|` for a
+  well-conditioned system and up to about :math:`\\epsilon \\kappa(A) \\|b\\|` otherwise,
+  while the recursive one keeps falling: the floor holds either way, a few steps past the
+  stall for an ill-conditioned system.
 
   Iterates at steps :math:`\\lceil 1.3^j \\rceil` (and the last one) are recorded with their
   :math:`\\phi` values for Martens' CG backtracking.
@@ -384,7 +437,16 @@ def cg(
       :class:`hfjax.LBFGSState`.
     max_steps: step cap, at least 1.
     tol: Martens' :math:`\\epsilon` for the relative-progress rule; 0 disables the rule.
-    residual_tol: relative residual tolerance; 0 stops only on an exactly zero residual.
+    residual_tol: relative residual tolerance :math:`\\|r\\| / \\|b\\|`; 0 leaves stopping on
+      the residual to ``residual_floor``.
+    residual_floor: the relative residual at which the solve stops on round-off
+      (``CGStopReason.ROUNDOFF`` when ``residual_tol`` is not met yet). ``None`` is
+      :math:`16 \\epsilon` of the solve dtype (:math:`1.9 \\cdot 10^{-6}` in float32, also for
+      half-precision ``b``; :math:`3.6 \\cdot 10^{-15}` in float64): just above the attainable
+      accuracy of a well-conditioned system, so the stop costs nothing in accuracy. With a
+      ``matvec`` computed in half precision the true residual stalls far higher; pass, e.g.,
+      ``16 * jnp.finfo(jnp.bfloat16).eps``. 0 disables it (stops only on an exactly zero
+      residual).
     beta: ``"flexible"`` (Polak-Ribiere) or ``"standard"`` (Fletcher-Reeves form).
     update_preconditioner: with an :class:`hfjax.LBFGSState`: ``True`` adds each step's
       pair :math:`s = \\alpha p`, :math:`y = \\alpha A p` to it as the solve runs (Sainath et
@@ -430,15 +492,15 @@ def cg(
     Morales & Nocedal, "Automatic preconditioning by limited memory quasi-Newton updating",
     SIAM J. Optim. 2000.
   """
-  _check_arguments(b, max_steps, tol, residual_tol, beta, num_recorded)
+  _check_arguments(b, max_steps, tol, residual_tol, residual_floor, beta, num_recorded)
   b = as_accumulation(b)
   apply_a = lambda v: optax.tree.cast_like(matvec(v), b)
   precond = _make_preconditioner(preconditioner, update_preconditioner, initial_preconditioner, b)
   next_beta = _BETAS[beta]
   record_mask, slots = _recording_plan(max_steps, record_base, num_recorded)
-  converged_below = (residual_tol * jnp.sqrt(optax.tree.vdot(b, b))) ** 2
+  residual_stop = _residual_stop(b, residual_tol, residual_floor)
 
-  carry = _start(b, x0, apply_a, precond, converged_below, max_steps, slots)
+  carry = _start(b, x0, apply_a, precond, residual_stop, max_steps, slots)
 
   def step(c: _Carry) -> _Carry:
     ap = apply_a(c.p)
@@ -450,7 +512,7 @@ def cg(
     r = optax.tree.add_scale(c.r, -alpha, ap)
     s, y = optax.tree.scale(alpha, c.p), optax.tree.scale(alpha, ap)
     precond_state, z = precond.update(c.precond, s, y, r)
-    rz, rr = optax.tree.vdot(r, z), optax.tree.vdot(r, r)
+    rz, residual_norm = optax.tree.vdot(r, z), jnp.sqrt(optax.tree.vdot(r, r))
     beta_k = next_beta(alpha, z, ap, rz, c.rz)
     i = c.step + 1
     value = jnp.where(ok, _model_value(x, b, r), c.values[c.step])
@@ -458,7 +520,7 @@ def cg(
     stop = _stop_reason(
       curvature_not_finite=~jnp.isfinite(pap),
       negative_curvature=~ok,
-      converged=rr <= converged_below,
+      **residual_stop.reasons(residual_norm),
       not_finite=~jnp.isfinite(rz) | ~jnp.isfinite(beta_k),
       breakdown=rz <= 0,
       stalled=_stalled(values, i, value, tol),
@@ -472,7 +534,7 @@ def cg(
       rz=rz,
       step=jnp.where(ok, i, c.step),
       stop=stop,
-      residual_norm=jnp.where(ok, jnp.sqrt(rr), c.residual_norm),
+      residual_norm=jnp.where(ok, residual_norm, c.residual_norm),
       values=values,
       precond=precond_state,
       recorded=_record(c.recorded, x, i, value, ok & record_mask[i]),

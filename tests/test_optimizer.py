@@ -151,10 +151,18 @@ def test_least_squares_reaches_lstsq(preconditioner, lbfgs_pairs):
 
 
 @pytest.mark.parametrize("preconditioner, lbfgs_pairs", CONFIGS)
-def test_logistic_regression_reaches_scipy_optimum(preconditioner, lbfgs_pairs):
-  x, y = _logistic_data()
+def test_logistic_regression_reaches_scipy_optimum(x64, preconditioner, lbfgs_pairs):
+  # In float64: near the optimum, float32 losses of neighbouring steps differ in the last bit
+  # only, so where a float32 run stops accepting steps is down to rounding (on data seeds
+  # 1-12, 10 of 48 float32 runs missed rtol 1e-4; none in float64).
+  x, y = (a.astype(np.float64) for a in _logistic_data())
   params, state = _train(
-    "logistic", _zeros(4), (x, y), 12, preconditioner=preconditioner, lbfgs_pairs=lbfgs_pairs
+    "logistic",
+    _zeros(4, jnp.float64),
+    (x, y),
+    12,
+    preconditioner=preconditioner,
+    lbfgs_pairs=lbfgs_pairs,
   )
   expected = _scipy_logistic_optimum(x, y)
   np.testing.assert_allclose(ravel_pytree(params)[0], expected, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -66,7 +67,8 @@ def pcg_reference(a, b, steps, x0=None, m=None):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("max_steps", "tol", "residual_tol", "beta", "num_recorded")
+  jax.jit,
+  static_argnames=("max_steps", "tol", "residual_tol", "residual_floor", "beta", "num_recorded"),
 )
 def dense_cg(
   a,
@@ -77,6 +79,7 @@ def dense_cg(
   max_steps,
   tol=0.0,
   residual_tol=0.0,
+  residual_floor=None,
   beta="flexible",
   num_recorded=None,
 ):
@@ -89,6 +92,7 @@ def dense_cg(
     max_steps=max_steps,
     tol=tol,
     residual_tol=residual_tol,
+    residual_floor=residual_floor,
     beta=beta,
     num_recorded=num_recorded,
   )
@@ -503,6 +507,153 @@ def test_tol_zero_disables_the_progress_rule():
   assert all(reason != CGStopReason.PROGRESS for reason, _ in stops), stops
 
 
+# --- Stopping on round-off -----------------------------------------------------------------
+
+# The documented default floor, in units of the solve dtype's epsilon.
+FLOOR_ULPS = 16
+
+
+def relative_true_residual(a, b, x):
+  """``||b - A x|| / ||b||`` in float64, for the system as it was solved (rounded a and b)."""
+  a, b, x = (
+    np.asarray(jnp.asarray(v, jnp.float32) if v.dtype == jnp.bfloat16 else v, np.float64)
+    for v in (a, b, x)
+  )
+  return np.linalg.norm(b - a @ x) / np.linalg.norm(b)
+
+
+@jax.jit
+def exact_lbfgs_cg(a, b, x0, m):
+  """``hfjax.cg`` with an empty L-BFGS memory whose initial matrix is ``m``."""
+  return hfjax.cg(
+    lambda v: a @ v,
+    b,
+    x0=x0,
+    preconditioner=hfjax.lbfgs_init(b, 5),
+    initial_preconditioner=lambda v: m @ v,
+    max_steps=50,
+    tol=0.0,
+  )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("how", ["callable", "lbfgs_initial"])
+def test_exact_preconditioner_stops_on_roundoff_after_one_step(dtype, how):
+  # No tolerance is given (tol=0, residual_tol=0): only the round-off floor may stop the
+  # solve, and with M = A^-1 the first step already solves the system, from a cold or a
+  # warm start.
+  rng = np.random.default_rng(20)
+  a_np = random_spd(N, 10.0, rng)
+  b_np, x0_np = rng.standard_normal(N), rng.standard_normal(N)
+  solve = exact_lbfgs_cg if how == "lbfgs_initial" else functools.partial(dense_cg, max_steps=50)
+  with jax.enable_x64(dtype == "float64"):
+    a, b, m = (jnp.asarray(v, dtype) for v in (a_np, b_np, np.linalg.inv(a_np)))
+    runs = [solve(a, b, jnp.asarray(x0, dtype), m) for x0 in (np.zeros(N), x0_np)]
+    eps = float(jnp.finfo(dtype).eps)
+  want = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
+  for got in runs:
+    assert int(got.stop_reason) == CGStopReason.ROUNDOFF, int(got.num_steps)
+    assert int(got.num_steps) == 1
+    assert 0 < float(got.residual_norm) <= FLOOR_ULPS * eps * np.linalg.norm(np.asarray(b))
+    assert relative_true_residual(a, b, got.x) <= FLOOR_ULPS * eps
+    np.testing.assert_allclose(got.x, want, rtol=0, atol=10 * FLOOR_ULPS * eps * np.abs(want).max())
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "max_steps"))
+def untoleranced_cg(a, b, state, *, kind, max_steps):
+  """``hfjax.cg`` with no tolerance (tol=0, residual_tol=0): plain, Jacobi, or an L-BFGS
+  preconditioner updated within the solve or fixed (the pairs of an earlier solve)."""
+  preconditioner = {
+    "none": None,
+    "jacobi": lambda r: r / jnp.diag(a),
+    "lbfgs_within": state,
+    "lbfgs_fixed": state,
+  }[kind]
+  return hfjax.cg(
+    lambda v: a @ v,
+    b,
+    preconditioner=preconditioner,
+    update_preconditioner=kind != "lbfgs_fixed",
+    max_steps=max_steps,
+    tol=0.0,
+  )
+
+
+@pytest.mark.parametrize(
+  ("kind", "dtype", "solve_dtype"),
+  [
+    ("none", "float32", "float32"),
+    ("none", "float64", "float64"),
+    ("none", "bfloat16", "float32"),
+    ("jacobi", "float32", "float32"),
+    ("jacobi", "float64", "float64"),
+    ("lbfgs_within", "float32", "float32"),
+    ("lbfgs_within", "float64", "float64"),
+    ("lbfgs_fixed", "float32", "float32"),
+  ],
+)
+def test_well_conditioned_system_stops_on_roundoff_within_its_dimension(dtype, solve_dtype, kind):
+  # Cond 10 (rows and columns scaled over two orders of magnitude for Jacobi to undo): CG
+  # reaches round-off in about 25 of the n = 40 steps; without the floor it ran on to the
+  # cap (3n). Half-precision b is solved in float32, so the floor is float32's.
+  rng = np.random.default_rng(21)
+  n = 40
+  a_np = random_spd(n, 10.0, rng)
+  if kind == "jacobi":
+    d = np.geomspace(0.1, 10.0, n)
+    a_np = d[:, None] * a_np * d[None, :]
+  b_np = rng.standard_normal(n)
+  with jax.enable_x64(dtype == "float64"):
+    a, b = jnp.asarray(a_np, solve_dtype), jnp.asarray(b_np, dtype)
+    state = hfjax.lbfgs_init(b, 5)
+    if kind == "lbfgs_fixed":
+      # Pairs of a solve with another right-hand side of the same matrix.
+      other = jnp.asarray(rng.standard_normal(n), dtype)
+      state = untoleranced_cg(a, other, state, kind="lbfgs_within", max_steps=3 * n)
+      state = state.preconditioner_state
+    got = untoleranced_cg(a, b, state, kind=kind, max_steps=3 * n)
+    eps = float(jnp.finfo(solve_dtype).eps)
+  assert int(got.stop_reason) == CGStopReason.ROUNDOFF
+  assert int(got.num_steps) <= n
+  b_norm = np.linalg.norm(np.asarray(b, np.float64))
+  assert float(got.residual_norm) <= FLOOR_ULPS * eps * b_norm
+  # Stopping there loses nothing: the true residual is at round-off too.
+  assert relative_true_residual(a, b, got.x) <= 4 * FLOOR_ULPS * eps
+  want = scipy.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64), assume_a="pos")
+  cond = np.linalg.cond(np.asarray(a, np.float64))
+  assert np.linalg.norm(np.asarray(got.x, np.float64) - want) <= (
+    4 * FLOOR_ULPS * eps * cond * np.linalg.norm(want)
+  )
+
+
+def test_residual_floor_stops_at_the_first_residual_below_it(x64):
+  # An explicit floor: the solve stops at the first step whose residual is below
+  # residual_floor * ||b||, the step textbook CG in NumPy reaches it; 0 turns the floor off,
+  # so nothing but the cap stops a solve without tolerances (the behaviour before the floor).
+  rng = np.random.default_rng(22)
+  n = 40
+  a, b = random_spd(n, 1e3, rng), rng.standard_normal(n)
+  iterates = pcg_reference(a, b, 3 * n)
+  residuals = np.linalg.norm(b - iterates @ a, axis=1) / np.linalg.norm(b)
+  for floor in (1e-3, 1e-8):
+    want = int(np.argmax(residuals <= floor))
+    # Not decided by rounding: no residual up to there lies within 1% of the floor.
+    assert np.all(np.abs(residuals[: want + 1] / floor - 1) > 1e-2), residuals[: want + 1] / floor
+    got = dense_cg(jnp.asarray(a), jnp.asarray(b), max_steps=3 * n, residual_floor=floor)
+    assert int(got.stop_reason) == CGStopReason.ROUNDOFF
+    assert int(got.num_steps) == want
+    np.testing.assert_allclose(got.x, iterates[want], rtol=1e-8, atol=1e-10)
+  off = dense_cg(jnp.asarray(a), jnp.asarray(b), max_steps=3 * n, residual_floor=0.0)
+  assert int(off.stop_reason) == CGStopReason.MAX_STEPS
+  assert int(off.num_steps) == 3 * n
+  # When the residual meets both at once, the caller's tolerance is the reason given.
+  met = dense_cg(
+    jnp.asarray(a), jnp.asarray(b), max_steps=3 * n, residual_tol=1e-3, residual_floor=1e-3
+  )
+  assert int(met.stop_reason) == CGStopReason.RESIDUAL
+  assert int(met.num_steps) == int(np.argmax(residuals <= 1e-3))
+
+
 # --- Guards ---------------------------------------------------------------------------------
 
 
@@ -595,6 +746,8 @@ _EMPTY_LBFGS_DIAGONAL = hfjax.lbfgs_init(jnp.zeros(3), 2, initial_diagonal=jnp.o
     ({"max_steps": 2.5}, ValueError, "max_steps"),
     ({"tol": -1.0}, ValueError, "tol"),
     ({"residual_tol": -1.0}, ValueError, "tol"),
+    ({"residual_floor": -1e-6}, ValueError, "residual_floor"),
+    ({"residual_floor": float("nan")}, ValueError, "residual_floor"),
     ({"beta": "hestenes"}, ValueError, "beta"),
     ({"num_recorded": 0}, ValueError, "num_recorded"),
     ({"preconditioner": "lbfgs"}, TypeError, "preconditioner"),
