@@ -139,7 +139,9 @@ class HostSchedule:
   The step updates the sizes of a fixed or geometric schedule on the device (float32 targets
   grown by ``factor``, rounded up to the grid); the host repeats the same arithmetic, so that
   drawing a batch needs no read of the state. A variance-test schedule grows from the step's
-  gradients: its sizes are read from the state after each step.
+  gradients: its sizes are read from the state after each step. (NumPy's float32 logarithm
+  and the backend's may differ in the last bit; that moves a size only for a target within
+  the rounding's 1e-6 slack of a grid point, and the batch drawn is then the host's choice.)
   """
 
   def __init__(self, gradient: hfjax.SampleSchedule, curvature: hfjax.SampleSchedule):
@@ -165,7 +167,7 @@ class HostSchedule:
     return tuple(_grid_size(t, s) for t, s in zip(self._targets, self._schedules, strict=True))
 
   def advance(self) -> None:
-    """Follows one step: the targets grow as :func:`hfjax.sampling_update` grows them."""
+    """Follows one step: the targets grow as :func:`hfjax.sampling.sampling_update` grows them."""
     self.count += 1
     for i, schedule in enumerate(self._schedules):
       if schedule.kind == "geometric":
