@@ -14,6 +14,11 @@ Example::
     step, params, opt_state, extra = restore_checkpoint(workdir, params, opt_state)
     sampler.load_state_dict(extra["sampler"])
 
+A checkpoint is written into a temporary directory (``<step>.orbax-checkpoint-tmp``) and
+renamed to ``<step>`` once complete, so a process killed while saving leaves no checkpoint
+that :func:`latest_step` or :func:`restore_checkpoint` would take (and the next save of that
+step replaces the leftover); ``tests/test_crash_safety.py`` kills a training run mid-save.
+
 Typed PRNG keys (``jax.random.key``) are stored as their raw ``jax.random.key_data`` and
 rewrapped with the implementation of the matching leaf of ``opt_state_like`` on restore, which
 does not depend on how a given Orbax version treats key arrays. On several hosts, call these
