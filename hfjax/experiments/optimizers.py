@@ -15,7 +15,6 @@ every step: the one transfer between reads that is left, and only with that sche
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -137,11 +136,10 @@ class HostSchedule:
   """The next sample sizes and step count of an HF run, followed on the host.
 
   The step updates the sizes of a fixed or geometric schedule on the device (float32 targets
-  grown by ``factor``, rounded up to the grid); the host repeats the same arithmetic, so that
-  drawing a batch needs no read of the state. A variance-test schedule grows from the step's
-  gradients: its sizes are read from the state after each step. (NumPy's float32 logarithm
-  and the backend's may differ in the last bit; that moves a size only for a target within
-  the rounding's 1e-6 slack of a grid point, and the batch drawn is then the host's choice.)
+  grown by ``factor``, rounded up to the grid); the host repeats the same float32 arithmetic
+  (:meth:`hfjax.SampleSchedule.grow` and :meth:`~hfjax.SampleSchedule.round_up`, equal to the
+  step's bit for bit), so that drawing a batch needs no read of the state. A variance-test
+  schedule grows from the step's gradients: its sizes are read from the state after each step.
   """
 
   def __init__(self, gradient: hfjax.SampleSchedule, curvature: hfjax.SampleSchedule):
@@ -164,25 +162,15 @@ class HostSchedule:
     if self.reads_state:
       with jax.transfer_guard_device_to_host("allow"):
         return hfjax.sample_sizes(state)
-    return tuple(_grid_size(t, s) for t, s in zip(self._targets, self._schedules, strict=True))
+    pairs = zip(self._schedules, self._targets, strict=True)
+    return tuple(int(schedule.round_up(target)) for schedule, target in pairs)
 
   def advance(self) -> None:
-    """Follows one step: the targets grow as :func:`hfjax.sampling.sampling_update` grows them."""
+    """Follows one step: the targets grow as the step grows them."""
     self.count += 1
-    for i, schedule in enumerate(self._schedules):
-      if schedule.kind == "geometric":
-        grown = self._targets[i] * np.float32(schedule.factor)
-        self._targets[i] = np.minimum(grown, np.float32(schedule.maximum))
-
-
-def _grid_size(target: np.float32, schedule: hfjax.SampleSchedule) -> int:
-  """``target`` rounded up to the schedule's grid in float32, as the step rounds it."""
-  f32 = np.float32
-  ratio = np.log(np.maximum(target, f32(schedule.start)) / f32(schedule.start))
-  ratio = ratio / f32(math.log(schedule.grid_ratio))
-  k = np.maximum(np.ceil(ratio - f32(1e-6)), f32(0))
-  size = np.round(f32(schedule.start) * f32(schedule.grid_ratio) ** k)
-  return int(np.minimum(size, f32(schedule.maximum)))
+    if not self.reads_state:
+      pairs = zip(self._schedules, self._targets, strict=True)
+      self._targets = [schedule.grow(target) for schedule, target in pairs]
 
 
 def _hf_examples(
