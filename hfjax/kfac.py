@@ -634,10 +634,15 @@ def _split_damping(a: jax.Array, g: jax.Array, damping: jax.Array) -> tuple[jax.
   return pi * root, root / pi
 
 
-def _diagonal_inverse(diagonal: jax.Array, damping: jax.Array, exponent: float) -> jax.Array:
-  """:math:`(\\max(d, 0) + \\lambda)^{-\\alpha}`, and 1 where that is :math:`0^{-\\alpha}`."""
-  damped = jnp.maximum(diagonal, 0) + damping
-  return jnp.where(damped > 0, jnp.where(damped > 0, damped, 1) ** (-exponent), 1)
+def _diagonal_inverses(diagonals: tuple, damping: float | jax.Array, exponent: float) -> tuple:
+  """Per unmatched leaf, :math:`(\\max(d, 0) + \\lambda)^{-\\alpha}`, and 1 where that is
+  :math:`0^{-\\alpha}`."""
+  damping = jnp.asarray(damping)
+  inverses = []
+  for d in diagonals:
+    damped = jnp.maximum(d, 0) + damping.astype(d.dtype)
+    inverses.append(jnp.where(damped > 0, jnp.where(damped > 0, damped, 1) ** (-exponent), 1))
+  return tuple(inverses)
 
 
 def _symmetric_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -668,9 +673,7 @@ def _eigen_inverse(
   """The :class:`KFACEigenInverse` of ``(a_values, a_vectors, g_values, g_vectors)``."""
   a_values, a_vectors, g_values, g_vectors = eigenbases
   scales = tuple(_exact_scales(sa, sg, damping) for sa, sg in zip(a_values, g_values, strict=True))
-  diagonal_inverses = tuple(
-    _diagonal_inverse(d, damping.astype(d.dtype), diagonal_exponent) for d in diagonal
-  )
+  diagonal_inverses = _diagonal_inverses(diagonal, damping, diagonal_exponent)
   return KFACEigenInverse(tuple(a_vectors), tuple(g_vectors), scales, diagonal_inverses)
 
 
@@ -742,9 +745,7 @@ def kfac_inverse(
     damp_a, damp_g = _split_damping(a, g, damping)
     a_inverses.append(_spd_inverse(a + damp_a * jnp.eye(a.shape[0], dtype=a.dtype)))
     g_inverses.append(_spd_inverse(g + damp_g * jnp.eye(g.shape[0], dtype=g.dtype)))
-  diagonal_inverses = tuple(
-    _diagonal_inverse(d, damping.astype(d.dtype), diagonal_exponent) for d in factors.diagonal
-  )
+  diagonal_inverses = _diagonal_inverses(factors.diagonal, damping, diagonal_exponent)
   return KFACInverse(tuple(a_inverses), tuple(g_inverses), diagonal_inverses)
 
 
@@ -975,16 +976,14 @@ def kfac_state_update(
     a_values, a_vectors, g_values, g_vectors = _eigenbases(averaged)
     inverse_factors = _scatter(state.inverse_factors, a_vectors, g_vectors, layout)
     eigenvalues = _scatter(state.eigenvalues, a_values, g_values, layout)
+    diagonal_inverses = _diagonal_inverses(averaged.diagonal, damping, diagonal_exponent)
   else:
     inverse = kfac_inverse(averaged, damping, diagonal_exponent=diagonal_exponent)
     inverse_factors = _scatter(
       state.inverse_factors, inverse.a_inverses, inverse.g_inverses, layout
     )
     eigenvalues = state.eigenvalues
-  diagonal_inverses = tuple(
-    _diagonal_inverse(d, jnp.asarray(damping, d.dtype), diagonal_exponent)
-    for d in averaged.diagonal
-  )
+    diagonal_inverses = inverse.diagonal_inverses
   inverse_diagonal = _scatter_diagonal(state.inverse_diagonal, diagonal_inverses, layout)
   updated = KFACState(
     factors, diagonal, inverse_factors, inverse_diagonal, eigenvalues, averaged.count
