@@ -49,23 +49,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the mini
 
 def _variant(problem: co.Problem, options: dict[str, Any], batch: int, seed: int) -> dict:
   tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
-  value_and_grad = jax.value_and_grad(co.batch_loss(problem))
-
-  def train_step(params, state, indices, curvature_indices, validation_indices):
-    images = problem.train[indices]
-    curvature, validation = problem.train[curvature_indices], problem.train[validation_indices]
-    loss, grads = value_and_grad(params, images)
-    updates, state = tx.update(
-      grads,
-      state,
-      params,
-      batch=(images, images),
-      curvature_batch=(curvature, curvature),
-      validation_batch=(validation, validation),
-      loss=loss,
-    )
-    return optax.apply_updates(params, updates), state
-
+  train_step = co.hf_step(problem, tx)
   sampler = co.index_sampler(problem, seed)
   draws = iter(lambda: sampler.sample_pair(batch, batch) + (sampler.sample(batch),), None)
   params = jax.tree.map(jnp.copy, problem.params)

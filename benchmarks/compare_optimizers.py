@@ -348,23 +348,17 @@ def hf_options(
   return options
 
 
-def run_hf(
-  problem: Problem,
-  options: dict[str, Any],
-  *,
-  gradient_batch: int,
-  curvature_batch: int,
-  seed: int,
-  times: Sequence[float],
-  validation_batch: int = 0,
-) -> list[dict[str, Any]]:
-  """Trains with :func:`hfjax.hessian_free`; one jitted program per outer step."""
-  num_train = problem.train.shape[0]
-  gradient_batch = gradient_batch or num_train
-  tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
+def hf_step(problem: Problem, tx: optax.GradientTransformation) -> Callable[..., Any]:
+  """One HF outer step on batches given by indices into ``problem.train``.
+
+  ``step(params, state, indices, curvature_indices[, validation_indices]) -> (params,
+  state)``: the gradient on ``indices``, the Gauss-Newton products on
+  ``curvature_indices``, and, when given, ``validation_indices`` as the held-out
+  ``validation_batch``; the images are their own targets.
+  """
   value_and_grad = jax.value_and_grad(batch_loss(problem))
 
-  def train_step(params, state, total_cg_steps, indices, curvature_indices, *validation):
+  def step(params, state, indices, curvature_indices, *validation):
     images = problem.train[indices]
     curvature_images = problem.train[curvature_indices]
     loss, grads = value_and_grad(params, images)
@@ -381,8 +375,30 @@ def run_hf(
       loss=loss,
       **held_out,
     )
-    total_cg_steps = total_cg_steps + optax.tree.get(state, "cg_steps")
-    return optax.apply_updates(params, updates), state, total_cg_steps
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def run_hf(
+  problem: Problem,
+  options: dict[str, Any],
+  *,
+  gradient_batch: int,
+  curvature_batch: int,
+  seed: int,
+  times: Sequence[float],
+  validation_batch: int = 0,
+) -> list[dict[str, Any]]:
+  """Trains with :func:`hfjax.hessian_free`; one jitted program per outer step."""
+  num_train = problem.train.shape[0]
+  gradient_batch = gradient_batch or num_train
+  tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
+  step = hf_step(problem, tx)
+
+  def train_step(params, state, total_cg_steps, *indices):
+    params, state = step(params, state, *indices)
+    return params, state, total_cg_steps + optax.tree.get(state, "cg_steps")
 
   sampler = index_sampler(problem, seed)
   params = jax.tree.map(jnp.copy, problem.params)
