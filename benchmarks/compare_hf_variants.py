@@ -13,12 +13,17 @@ evaluation loss, its summed step time and its damping: compare the losses at equ
 through the times, at equal time. The problem and the stochastic regime are those of
 ``benchmarks.compare_optimizers`` (MNIST-sized autoencoder on generated CURVES images; the
 gradient and curvature on one minibatch, a second one as ``validation_batch``); each variant's
-options are applied over ``--base``.
+options are applied over ``--base``. A variant may also set ``"batches": {"gradient": g,
+"curvature": c, "validation": v}`` (each ``--batch`` unless set; ``validation`` 0 for none): the
+curvature batch is then the first ``c`` examples of the gradient batch. ``"growth": factor``
+grows each of those sizes by ``factor`` per step up to the training set, as
+:func:`hfjax.geometric_schedule` (grid ratio 2) would; each new size is compiled off the clock.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -32,6 +37,9 @@ from benchmarks import compare_optimizers as co
 from hfjax.experiments import models
 
 _STEPS = flags.DEFINE_integer("steps", 60, "Outer HF steps per variant.")
+_SECONDS = flags.DEFINE_float(
+  "seconds", 0.0, "Stop each variant once its steps took this long in all (0: no limit)."
+)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every_steps", 5, "Steps between evaluations.")
 _BATCH = flags.DEFINE_integer("batch", 1000, "Gradient, curvature and validation batch size.")
 _BASE = flags.DEFINE_string(
@@ -47,16 +55,44 @@ _VARIANTS = flags.DEFINE_string(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the minibatches.")
 
 
+_BATCH_KINDS = ("gradient", "curvature", "validation")
+
+
 def _variant(problem: co.Problem, options: dict[str, Any], batch: int, seed: int) -> dict:
+  sizes = {kind: batch for kind in _BATCH_KINDS} | options.pop("batches", {})
+  if set(sizes) != set(_BATCH_KINDS):
+    raise ValueError(f"batches takes the keys {_BATCH_KINDS}; got {sorted(sizes)}.")
+  num_train, growth = problem.train.shape[0], options.pop("growth", 1.0)
+  schedules = {
+    kind: hfjax.geometric_schedule(size, num_train, growth) for kind, size in sizes.items() if size
+  }
+  targets = {kind: schedule.start for kind, schedule in schedules.items()}
   tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
-  train_step = co.hf_step(problem, tx)
   sampler = co.index_sampler(problem, seed)
-  draws = iter(lambda: sampler.sample_pair(batch, batch) + (sampler.sample(batch),), None)
+
+  def draw():
+    now = {kind: schedules[kind].round_up(target) for kind, target in targets.items()}
+    for kind, target in targets.items():
+      targets[kind] = schedules[kind].grow(target)
+    pair = sampler.sample_pair(now["gradient"], now["curvature"])
+    return pair + ((sampler.sample(now["validation"]),) if "validation" in now else ())
+
   params = jax.tree.map(jnp.copy, problem.params)
-  state = tx.init(params)
-  first = next(draws)
-  compiled = jax.jit(train_step).lower(params, state, *first).compile()
-  return {"step": compiled, "draws": draws, "next": first, "carry": (params, state), "time": 0.0}
+  return {
+    "step": jax.jit(co.hf_step(problem, tx)),
+    "compiled": {},
+    "draw": draw,
+    "carry": (params, tx.init(params)),
+    "time": 0.0,
+  }
+
+
+def _compiled_step(run: dict, indices: tuple) -> Any:
+  """The variant's step compiled for these batch sizes (compiling it now, off the clock)."""
+  shapes = tuple(i.shape for i in indices)
+  if shapes not in run["compiled"]:
+    run["compiled"][shapes] = run["step"].lower(*run["carry"], *indices).compile()
+  return run["compiled"][shapes]
 
 
 def main(argv: list[str]) -> None:
@@ -75,20 +111,25 @@ def main(argv: list[str]) -> None:
     f"jax {jax.__version__}; base {base}"
   )
   names = list(variants)
-  print("| step | " + " | ".join(f"{n}: loss, s, damping" for n in names) + " |")
+  print("| step | " + " | ".join(f"{n}: loss, s, damping, batch" for n in names) + " |")
   print("|---" * (len(names) + 1) + "|")
   for step in range(1, _STEPS.value + 1):
-    for run in variants.values():
-      indices = run.pop("next", None) or next(run["draws"])
+    running = [run for run in variants.values() if run["time"] < (_SECONDS.value or math.inf)]
+    if not running:
+      break
+    for run in running:
+      indices = run["draw"]()
+      compiled = _compiled_step(run, indices)
+      run["batch"] = indices[0].shape[0]
       start = time.perf_counter()
-      run["carry"] = jax.block_until_ready(run["step"](*run["carry"], *indices))
+      run["carry"] = jax.block_until_ready(compiled(*run["carry"], *indices))
       run["time"] += time.perf_counter() - start
     if step % _EVAL_EVERY.value == 0 or step == _STEPS.value:
       cells = []
       for run in variants.values():
         params, state = run["carry"]
         damping = float(optax.tree.get(state, "damping"))
-        cells.append(f"{evaluate(params):.2f}, {run['time']:.0f}, {damping:.3g}")
+        cells.append(f"{evaluate(params):.2f}, {run['time']:.0f}, {damping:.3g}, {run['batch']}")
       print(f"| {step} | " + " | ".join(cells) + " |", flush=True)
 
 
