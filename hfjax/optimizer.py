@@ -74,6 +74,15 @@ class DampingConfig(NamedTuple):
   diverges; on a held-out ``validation_batch`` it stays stable. With a full-batch gradient
   and no held-out batch, ``"gradient"`` trains the README's CURVES job to a loss of 113
   where ``"martens"`` reaches 126 in the same 60 steps.
+
+  ``significance``: on a held-out ``validation_batch``, :math:`\\rho` moves :math:`\\lambda`
+  only when the validation loss changed by more than this many standard errors of the
+  mean per-example change (``loss_fn`` on batches of one); a smaller change says nothing
+  about the model's fit and leaves :math:`\\lambda` as it is (a rejected step still raises
+  it). Without it, once the steps' effect on held-out data falls below the sampling noise,
+  :math:`\\rho` reads noise around 0, every negative draw raises :math:`\\lambda`, and
+  :math:`\\lambda` climbs to ``maximum`` while training stalls (``benchmarks/RESULTS.md``).
+  0 turns the test off.
   """
 
   increase: float = 1.5
@@ -83,9 +92,12 @@ class DampingConfig(NamedTuple):
   minimum: float = 1e-8
   maximum: float = 1e8
   ratio: Literal["auto", "gradient", "martens"] = "auto"
+  significance: float = 2.0
 
   def _check(self) -> None:
     _check_choice("damping.ratio", self.ratio, ("auto", "gradient", "martens"))
+    if not self.significance >= 0:
+      raise ValueError(f"damping.significance must be >= 0, got {self.significance!r}.")
     if not (self.increase > 1 and 0 < self.decrease < 1):
       raise ValueError(f"damping needs increase > 1 and 0 < decrease < 1, got {self}.")
     if not 0 < self.minimum <= self.maximum:
@@ -189,8 +201,12 @@ class HessianFreeInfo(NamedTuple):
     backtracking_evaluations: losses evaluated by CG backtracking and the reduction ratio
       (recorded iterates walked on ``validation_batch``, plus, when that is another batch
       than ``batch``, one on ``batch`` and, with ``DampingConfig(ratio="martens")``, one at
-      the incoming parameters on ``validation_batch``).
+      the incoming parameters on ``validation_batch``, and one more at the chosen iterate
+      for the ``DampingConfig.significance`` test on a held-out batch).
     line_search_evaluations: losses evaluated by the line search beyond ``t = 1``.
+    rho_significant: whether :math:`\\rho` moved :math:`\\lambda`: the held-out loss
+      changed by more than ``DampingConfig.significance`` standard errors (always true
+      without a held-out ``validation_batch``).
   """
 
   rho: jax.Array
@@ -209,10 +225,11 @@ class HessianFreeInfo(NamedTuple):
   curvature_batch_size: jax.Array
   backtracking_evaluations: jax.Array
   line_search_evaluations: jax.Array
+  rho_significant: jax.Array
 
 
 _FLOAT_INFO = ("rho", "line_search_step", "loss_before", "loss_after")
-_BOOL_INFO = ("accepted", "non_finite")
+_BOOL_INFO = ("accepted", "non_finite", "rho_significant")
 
 
 def _fresh_info() -> HessianFreeInfo:
@@ -666,29 +683,63 @@ def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> ja
   return jnp.where(model_value < 0, (f1 - f0) / model_value, -jnp.inf)
 
 
+def _example_losses(options, problem, step, data) -> tuple[jax.Array, jax.Array]:
+  """The batch loss at ``params + step`` on ``data`` and each example's (``loss_fn`` on
+  batches of one), from one forward pass."""
+  inputs, targets = curvature.split_batch(data)
+  moved = optax.apply_updates(problem.params, optax.tree.cast_like(step, problem.params))
+  outputs = options.apply_fn(moved, inputs)
+  one = lambda tree: jax.tree.map(lambda x: x[None], tree)
+  each = jax.vmap(lambda out, target: options.loss_fn(one(out), one(target)))(outputs, targets)
+  dtype = problem.loss_before.dtype
+  return jnp.asarray(options.loss_fn(outputs, targets), dtype), each.astype(dtype)
+
+
+def _significant(config: DampingConfig, before: jax.Array, after: jax.Array) -> jax.Array:
+  """Whether the mean of ``after - before`` is more than ``config.significance`` standard
+  errors away from 0."""
+  change = after - before
+  n = change.shape[0]
+  if n < 2:
+    return jnp.array(True)
+  error = jnp.std(change, ddof=1) / jnp.sqrt(jnp.asarray(n, change.dtype))
+  return jnp.abs(jnp.mean(change)) > config.significance * error
+
+
 def _step_ratio(
   options, problem, chosen: _Backtracked, f1: jax.Array
-) -> tuple[jax.Array, _Backtracked]:
+) -> tuple[jax.Array, jax.Array, _Backtracked]:
   """:math:`\\rho` of the chosen iterate by ``options.damping.ratio``.
 
   ``"gradient"``: losses on the gradient batch over the damped model. ``"martens"`` (as in
   Martens' code): losses on the validation batch (the curvature batch unless another is
   given) over the undamped model :math:`g^\\top d + \\frac12 d^\\top G d`. Returns
-  :math:`\\rho` and ``chosen`` with the loss it may evaluate added to its count.
+  :math:`\\rho`, whether it is significant (``DampingConfig.significance``, tested on a
+  held-out validation batch only), and ``chosen`` with the losses it may evaluate added to
+  its count.
   """
   batches = problem.batches
-  rule = options.damping.ratio
+  config = options.damping
+  rule = config.ratio
+  held_out = batches.validation is not batches.curvature
   if rule == "auto":
-    rule = "martens" if batches.validation is not batches.curvature else "gradient"
+    rule = "martens" if held_out else "gradient"
+  significant = jnp.array(True)
   if rule == "gradient":
-    return _reduction_ratio(problem.loss_before, f1, chosen.model_value), chosen
+    return _reduction_ratio(problem.loss_before, f1, chosen.model_value), significant, chosen
   f0 = problem.loss_before
-  if batches.validation is not batches.gradient:
-    f0 = problem.loss(optax.tree.zeros_like(chosen.direction), batches.validation)
+  zero_step = optax.tree.zeros_like(chosen.direction)
+  if held_out and config.significance > 0:
+    f0, before = _example_losses(options, problem, zero_step, batches.validation)
+    _, after = _example_losses(options, problem, chosen.direction, batches.validation)
+    significant = _significant(config, before, after)
+    chosen = chosen._replace(evaluations=chosen.evaluations + 2)
+  elif batches.validation is not batches.gradient:
+    f0 = problem.loss(zero_step, batches.validation)
     chosen = chosen._replace(evaluations=chosen.evaluations + 1)
   norm2 = optax.tree.vdot(chosen.direction, chosen.direction).astype(f0.dtype)
   undamped = chosen.model_value - 0.5 * problem.damping.astype(f0.dtype) * norm2
-  return _reduction_ratio(f0, chosen.validation_loss, undamped), chosen
+  return _reduction_ratio(f0, chosen.validation_loss, undamped), significant, chosen
 
 
 # 5. Armijo line search along the chosen iterate.
@@ -729,11 +780,15 @@ def _line_search(
 # 6. Levenberg-Marquardt damping.
 
 
-def _adapt_damping(config: DampingConfig, damping: jax.Array, rho: jax.Array) -> jax.Array:
-  """Martens' rule (:class:`DampingConfig`); pass ``rho = -inf`` for a rejected step."""
+def _adapt_damping(
+  config: DampingConfig, damping: jax.Array, rho: jax.Array, significant: Any = True
+) -> jax.Array:
+  """Martens' rule (:class:`DampingConfig`); pass ``rho = -inf`` for a rejected step, and
+  ``significant = False`` for a :math:`\\rho` that says nothing (``damping`` is kept)."""
   factor = jnp.where(
     rho < config.low, config.increase, jnp.where(rho > config.high, config.decrease, 1.0)
   )
+  factor = jnp.where(significant, factor, 1.0)
   return jnp.clip(damping * factor, config.minimum, config.maximum)
 
 
@@ -772,7 +827,7 @@ def _next_sampling(options, problem: _Problem, state) -> sampling.SamplingState 
 
 
 def _diagnostics(
-  problem, result, chosen, search, accepted, solved, rho, lbfgs_pairs, previous
+  problem, result, chosen, search, accepted, solved, rho, significant, lbfgs_pairs, previous
 ) -> HessianFreeInfo:
   batches = problem.batches
   loss_before = jnp.where(
@@ -798,6 +853,7 @@ def _diagnostics(
     curvature_batch_size=jnp.asarray(batches.curvature_size, jnp.int32),
     backtracking_evaluations=(chosen.evaluations + extra_evaluation).astype(jnp.int32),
     line_search_evaluations=(search.tries - 1).astype(jnp.int32),
+    rho_significant=significant,
   )
 
 
@@ -983,9 +1039,10 @@ def hessian_free(
     accepted = solved & sufficient & all_finite(chosen.direction)
 
     # 6. Levenberg-Marquardt damping; a rejected step counts as rho = -inf.
-    rho, chosen = _step_ratio(options, problem, chosen, f1)
+    rho, significant, chosen = _step_ratio(options, problem, chosen, f1)
     rho = jnp.where(accepted, rho, -jnp.inf)
-    damping = _adapt_damping(options.damping, problem.damping, rho)
+    significant = significant | ~accepted
+    damping = _adapt_damping(options.damping, problem.damping, rho, significant)
 
     # 7. What the next step starts from: warm start, L-BFGS pairs and sample sizes.
     zero_step = optax.tree.zeros_like(problem.grads)
@@ -995,7 +1052,7 @@ def hessian_free(
 
     # 8. Diagnostics, and the new state in the dtypes init made.
     info = _diagnostics(
-      problem, result, chosen, search, accepted, solved, rho, lbfgs_pairs, state.info
+      problem, result, chosen, search, accepted, solved, rho, significant, lbfgs_pairs, state.info
     )
     new_state = HessianFreeState(
       count=optax.safe_increment(state.count),

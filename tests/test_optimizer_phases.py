@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 import hfjax
 from hfjax import optimizer
@@ -288,6 +289,64 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
     np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, g, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(slots[0], slots[2])
   assert not np.array_equal(slots[2], slots[3])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_significance_is_a_one_sample_t_test_on_the_per_example_change(seed):
+  rng = np.random.default_rng(seed)
+  before = rng.normal(size=40)
+  after = before + rng.normal(loc=0.3 * (seed - 2.5) / 2.5, scale=1.0, size=40)
+  t = scipy.stats.ttest_1samp(after - before, 0.0).statistic
+  for z in (0.5, 1.0, 2.0, 3.0):
+    if abs(abs(t) - z) < 1e-4:
+      continue  # too close to call in float32
+    config = hfjax.DampingConfig(significance=z)
+    got = optimizer._significant(config, jnp.float32(before), jnp.float32(after))
+    assert bool(got) == (abs(t) > z), (t, z)
+
+
+def _one_weight_problem():
+  """``out = x w`` with squared error: from w = 0, the gradient batch (all y = 1) has
+  g = -1 and G = 1, so the step is d = 1 / (1 + lambda) and the undamped model value
+  q = -d + d^2 / 2."""
+  apply_fn = lambda w, x: x * w[0]
+  loss_fn = lambda out, y: 0.5 * jnp.mean((out - y) ** 2)
+  batch = (jnp.ones(4), jnp.ones(4))
+  return apply_fn, loss_fn, batch
+
+
+@pytest.mark.parametrize("significance", [0.0, 2.0])
+@pytest.mark.parametrize("validation", ["split", "agreeing"])
+def test_an_insignificant_held_out_change_keeps_the_damping(significance, validation):
+  apply_fn, loss_fn, batch = _one_weight_problem()
+  # "split": half the held-out examples gain 1/2 and half lose 1/2, so the mean change is
+  # ~0 (rho ~ 0) with a standard error of ~0.19; "agreeing": every example gains 1/2
+  # (rho ~ 1, no spread).
+  targets = jnp.tile(jnp.array([1.0, 0.0]), 4) if validation == "split" else jnp.ones(8)
+  initial = 1e-3
+  config = hfjax.DampingConfig(significance=significance)
+  tx = hfjax.hessian_free(
+    apply_fn, loss_fn, preconditioner="none", initial_damping=initial, damping=config
+  )
+  w = jnp.zeros(1)
+  grads = jax.grad(lambda w: loss_fn(apply_fn(w, batch[0]), batch[1]))(w)
+  updates, state = tx.update(
+    grads, tx.init(w), w, batch=batch, validation_batch=(jnp.ones(8), targets)
+  )
+  d = 1.0 / (1.0 + initial)
+  np.testing.assert_allclose(np.asarray(updates), [d], rtol=1e-5)
+  changes = 0.5 * (d - targets) ** 2 - 0.5 * targets**2
+  np.testing.assert_allclose(
+    float(state.info.rho), np.mean(changes) / (-d + d * d / 2), rtol=1e-3, atol=1e-6
+  )
+  if validation == "agreeing":
+    expected, significant = initial * config.decrease, True  # rho ~ 1 > high
+  elif significance == 0:
+    expected, significant = initial * config.increase, True  # rho ~ 0 < low
+  else:
+    expected, significant = initial, False
+  np.testing.assert_allclose(float(state.damping), expected, rtol=1e-6)
+  assert bool(state.info.rho_significant) == significant
 
 
 @pytest.mark.parametrize("held_out", [False, True])
