@@ -124,7 +124,8 @@ def main(argv: list[str]) -> None:
       start = time.perf_counter()
       run["carry"] = jax.block_until_ready(compiled(*run["carry"], *indices))
       run["time"] += time.perf_counter() - start
-    if step % _EVAL_EVERY.value == 0 or step == _STEPS.value:
+    done = all(run["time"] >= (_SECONDS.value or math.inf) for run in variants.values())
+    if step % _EVAL_EVERY.value == 0 or step == _STEPS.value or done:
       cells = []
       for run in variants.values():
         params, state = run["carry"]
