@@ -17,7 +17,10 @@ options are applied over ``--base``. A variant may also set ``"batches": {"gradi
 "curvature": c, "validation": v}`` (each ``--batch`` unless set; ``validation`` 0 for none): the
 curvature batch is then the first ``c`` examples of the gradient batch. ``"growth": factor``
 grows each of those sizes by ``factor`` per step up to the training set, as
-:func:`hfjax.geometric_schedule` (grid ratio 2) would; each new size is compiled off the clock.
+:func:`hfjax.geometric_schedule` (grid ratio 2) would; ``"variance_test": theta`` lets the
+optimizer's :func:`hfjax.variance_test_schedule` choose the gradient batch's size (read with
+:func:`hfjax.sample_sizes`), and the curvature batch is the whole gradient batch. Each new
+size is compiled off the clock.
 """
 
 from __future__ import annotations
@@ -67,13 +70,19 @@ def _variant(problem: co.Problem, options: dict[str, Any], batch: int, seed: int
     kind: hfjax.geometric_schedule(size, num_train, growth) for kind, size in sizes.items() if size
   }
   targets = {kind: schedule.start for kind, schedule in schedules.items()}
+  theta = options.pop("variance_test", None)
+  if theta is not None:
+    options["gradient_schedule"] = hfjax.variance_test_schedule(sizes["gradient"], num_train, theta)
+    options["curvature_schedule"] = hfjax.fixed_schedule(sizes["curvature"])
   tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
   sampler = co.index_sampler(problem, seed)
 
-  def draw():
+  def draw(carry):
     now = {kind: schedules[kind].round_up(target) for kind, target in targets.items()}
     for kind, target in targets.items():
       targets[kind] = schedules[kind].grow(target)
+    if theta is not None:  # the size the variance test chose in the last step, for both
+      now["gradient"] = now["curvature"] = hfjax.sample_sizes(carry[1])[0]
     pair = sampler.sample_pair(now["gradient"], now["curvature"])
     return pair + ((sampler.sample(now["validation"]),) if "validation" in now else ())
 
@@ -118,7 +127,7 @@ def main(argv: list[str]) -> None:
     if not running:
       break
     for run in running:
-      indices = run["draw"]()
+      indices = run["draw"](run["carry"])
       compiled = _compiled_step(run, indices)
       run["batch"] = indices[0].shape[0]
       start = time.perf_counter()
