@@ -19,8 +19,9 @@ curvature batch is then the first ``c`` examples of the gradient batch. ``"growt
 grows each of those sizes by ``factor`` per step up to the training set, as
 :func:`hfjax.geometric_schedule` (grid ratio 2) would; ``"variance_test": theta`` lets the
 optimizer's :func:`hfjax.variance_test_schedule` choose the gradient batch's size (read with
-:func:`hfjax.sample_sizes`), and the curvature batch is the whole gradient batch. Each new
-size is compiled off the clock.
+:func:`hfjax.sample_sizes`), and the curvature batch is the whole gradient batch;
+``"held_out_growth": factor`` lets :func:`hfjax.held_out_schedule` grow both after steps that
+raise the held-out loss significantly. Each new size is compiled off the clock.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def _variant(problem: co.Problem, options: dict[str, Any], batch: int, seed: int
   if theta is not None:
     options["gradient_schedule"] = hfjax.variance_test_schedule(sizes["gradient"], num_train, theta)
     options["curvature_schedule"] = hfjax.fixed_schedule(sizes["curvature"])
+  held_out = options.pop("held_out_growth", None)
+  if held_out is not None:
+    for kind in ("gradient", "curvature"):
+      schedule = hfjax.held_out_schedule(sizes[kind], num_train, held_out)
+      options[f"{kind}_schedule"] = schedule
   tx = hfjax.hessian_free(problem.apply_fn, models.sigmoid_cross_entropy, **options)
   sampler = co.index_sampler(problem, seed)
 
@@ -83,6 +89,8 @@ def _variant(problem: co.Problem, options: dict[str, Any], batch: int, seed: int
       targets[kind] = schedules[kind].grow(target)
     if theta is not None:  # the size the variance test chose in the last step, for both
       now["gradient"] = now["curvature"] = hfjax.sample_sizes(carry[1])[0]
+    if held_out is not None:
+      now["gradient"], now["curvature"] = hfjax.sample_sizes(carry[1])
     pair = sampler.sample_pair(now["gradient"], now["curvature"])
     return pair + ((sampler.sample(now["validation"]),) if "validation" in now else ())
 

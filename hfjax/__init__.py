@@ -31,6 +31,7 @@ from hfjax.sampling import (
   SamplingState,
   fixed_schedule,
   geometric_schedule,
+  held_out_schedule,
   sample_sizes,
   variance_test_schedule,
 )
@@ -51,6 +52,7 @@ __all__ = (
   "SamplingState",
   "fixed_schedule",
   "geometric_schedule",
+  "held_out_schedule",
   "hessian_free",
   "sample_sizes",
   "variance_test_schedule",

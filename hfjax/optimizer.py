@@ -308,6 +308,15 @@ class _Options(NamedTuple):
         "gradient sample only (pass it as gradient_schedule)."
       )
     _positive_int("chunk_size", self.chunk_size)
+    if self.held_out_growth and not self.damping.significance > 0:
+      raise ValueError(
+        "a held_out_schedule grows on the held-out significance test: it needs "
+        f"DampingConfig.significance > 0, got {self.damping.significance!r}."
+      )
+
+  @property
+  def held_out_growth(self) -> bool:
+    return "held_out" in (self.gradient_schedule.kind, self.curvature_schedule.kind)
 
   @property
   def keep_pairs(self) -> bool:
@@ -805,7 +814,10 @@ def _next_lbfgs(options, state, result: CGResult, solved) -> tuple[LBFGSState | 
   return lbfgs, lbfgs.num_pairs
 
 
-def _next_sampling(options, problem: _Problem, state) -> sampling.SamplingState | None:
+def _next_sampling(
+  options, problem: _Problem, state, uphill: jax.Array
+) -> sampling.SamplingState | None:
+  """The next sample sizes; ``uphill``: the step raised the held-out loss significantly."""
   if not options.tracked:
     return state.sampling
   variance_l1 = grad_sq_norm = None
@@ -820,6 +832,7 @@ def _next_sampling(options, problem: _Problem, state) -> sampling.SamplingState 
     options.curvature_schedule,
     variance_l1=variance_l1,
     grad_sq_norm=grad_sq_norm,
+    uphill=uphill,
   )
 
 
@@ -1016,6 +1029,11 @@ def hessian_free(
     # 1. Check the batches and resolve the step's problem. A non-finite gradient or loss
     #    zeroes the gradient, so the step is rejected with everything still finite.
     batches = _resolve_batches(params, batch, curvature_batch, validation_batch)
+    if options.held_out_growth and validation_batch is None:
+      raise ValueError(
+        "a held_out_schedule needs a held-out validation_batch at every update: "
+        "update(..., validation_batch=(inputs, targets))."
+      )
     key, preconditioner_key = jax.random.split(state.key)
     problem = _resolve(options, batches, updates, params, loss, state.damping, preconditioner_key)
     f0 = problem.loss_before
@@ -1040,6 +1058,9 @@ def hessian_free(
 
     # 6. Levenberg-Marquardt damping; a rejected step counts as rho = -inf.
     rho, significant, chosen = _step_ratio(options, problem, chosen, f1)
+    # A significant rise of the held-out loss (rho < 0 over a descent model) grows a
+    # held-out schedule's sample.
+    uphill = accepted & significant & jnp.isfinite(rho) & (rho < 0)
     rho = jnp.where(accepted, rho, -jnp.inf)
     significant = significant | ~accepted
     damping = _adapt_damping(options.damping, problem.damping, rho, significant)
@@ -1048,7 +1069,7 @@ def hessian_free(
     zero_step = optax.tree.zeros_like(problem.grads)
     warm_start = optax.tree.where(accepted & all_finite(result.x), result.x, zero_step)
     lbfgs, lbfgs_pairs = _next_lbfgs(options, state, result, solved)
-    next_sampling = _next_sampling(options, problem, state)
+    next_sampling = _next_sampling(options, problem, state, uphill)
 
     # 8. Diagnostics, and the new state in the dtypes init made.
     info = _diagnostics(

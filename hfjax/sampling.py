@@ -30,13 +30,13 @@ import optax
 
 class SampleSchedule(NamedTuple):
   """A static sample-size schedule; build one with :func:`fixed_schedule`,
-  :func:`geometric_schedule` or :func:`variance_test_schedule`.
+  :func:`geometric_schedule`, :func:`variance_test_schedule` or :func:`held_out_schedule`.
 
   Attributes:
-    kind: ``"fixed"``, ``"geometric"`` or ``"variance"``.
+    kind: ``"fixed"``, ``"geometric"``, ``"variance"`` or ``"held_out"``.
     start: the first size.
     maximum: the largest size (e.g. the training-set size).
-    factor: growth per outer step (geometric).
+    factor: growth per outer step (geometric), or per uphill step (held out).
     theta: Byrd et al.'s :math:`\\theta` (variance test).
     grid_ratio: ratio between consecutive allowed sizes.
   """
@@ -64,10 +64,11 @@ class SampleSchedule(NamedTuple):
   def grow(self, target: float) -> np.float32:
     """The target of the next outer step after ``target``, on the host, in float32 as the
     step computes it; only fixed and geometric schedules grow without the step's gradients."""
-    if self.kind == "variance":
+    grows_from = {"variance": "variance-test", "held_out": "held-out"}
+    if self.kind in grows_from:
       raise ValueError(
-        "a variance-test schedule grows from the step's gradients: read its sizes from the "
-        "state (hfjax.sample_sizes)."
+        f"a {grows_from[self.kind]} schedule grows from the step's measurements: read its "
+        "sizes from the state (hfjax.sample_sizes)."
       )
     target = np.float32(target)
     if self.kind == "geometric":
@@ -135,6 +136,30 @@ def variance_test_schedule(
   return SampleSchedule("variance", int(start), int(maximum), 1.0, float(theta), grid_ratio)
 
 
+def held_out_schedule(
+  start: int, maximum: int, factor: float = 2.0, grid_ratio: float = 2.0
+) -> SampleSchedule:
+  """Grows the sample by ``factor`` after each step that made the held-out loss rise.
+
+  "Rise" is judged as :class:`hfjax.DampingConfig` judges :math:`\\rho`: the mean
+  per-example change of the loss on ``validation_batch`` is positive by more than
+  ``DampingConfig.significance`` standard errors. In the stochastic regime, once the
+  damping dominates the curvature the step is about :math:`-g_S / \\lambda`, and whether it
+  goes uphill on held-out data no longer depends on :math:`\\lambda`: the minibatch
+  gradient's noise has outgrown its signal, which only a larger sample fixes (the same
+  question as Byrd et al.'s variance test, answered from the losses the step already
+  evaluates instead of per-example gradients). Needs a held-out ``validation_batch`` at
+  every ``update`` and ``significance > 0``. It can drive the gradient and the curvature
+  sample alike.
+  """
+  _check_sizes(start, maximum)
+  if not factor > 1.0:
+    raise ValueError(f"held-out growth factor must be > 1, got {factor!r}.")
+  if not grid_ratio > 1.0:
+    raise ValueError(f"grid_ratio must be > 1, got {grid_ratio!r}.")
+  return SampleSchedule("held_out", int(start), int(maximum), float(factor), 0.0, grid_ratio)
+
+
 @functools.cache
 def _grid_table(schedule: SampleSchedule) -> tuple[np.ndarray, tuple[int, ...]]:
   """``(thresholds, sizes)``: a target ``t`` gets ``sizes[#{thresholds < t}]``.
@@ -190,10 +215,16 @@ def sampling_init(gradient: SampleSchedule, curvature: SampleSchedule) -> Sampli
 
 
 def _next_target(
-  schedule: SampleSchedule, target: jax.Array, variance_l1: jax.Array, grad_sq_norm: jax.Array
+  schedule: SampleSchedule,
+  target: jax.Array,
+  variance_l1: jax.Array,
+  grad_sq_norm: jax.Array,
+  uphill: jax.Array,
 ) -> jax.Array:
   if schedule.kind == "geometric":
     target = target * jnp.float32(schedule.factor)  # as SampleSchedule.grow, bit for bit
+  elif schedule.kind == "held_out":
+    target = jnp.where(uphill, target * jnp.float32(schedule.factor), target)
   elif schedule.kind == "variance":
     # Byrd et al.'s test, written without the division so that a zero gradient grows to the
     # maximum instead of producing inf/nan.
@@ -212,6 +243,7 @@ def sampling_update(
   *,
   variance_l1: jax.Array | None = None,
   grad_sq_norm: jax.Array | None = None,
+  uphill: jax.Array | None = None,
 ) -> SamplingState:
   """Advances both schedules by one outer step.
 
@@ -222,6 +254,8 @@ def sampling_update(
     variance_l1: :math:`\\|\\operatorname{Var}_i(g_i)\\|_1` on the last gradient sample
       (needed by a variance-test schedule).
     grad_sq_norm: :math:`\\|\\nabla J_S\\|^2` on that sample.
+    uphill: whether the last step raised the held-out loss significantly (needed by a
+      held-out schedule).
 
   Returns:
     The sizes for the next step.
@@ -229,8 +263,9 @@ def sampling_update(
   zero = jnp.zeros((), jnp.float32)
   variance_l1 = zero if variance_l1 is None else variance_l1
   grad_sq_norm = zero if grad_sq_norm is None else grad_sq_norm
-  g_target = _next_target(gradient, state.gradient_target, variance_l1, grad_sq_norm)
-  c_target = _next_target(curvature, state.curvature_target, variance_l1, grad_sq_norm)
+  uphill = jnp.array(False) if uphill is None else uphill
+  g_target = _next_target(gradient, state.gradient_target, variance_l1, grad_sq_norm, uphill)
+  c_target = _next_target(curvature, state.curvature_target, variance_l1, grad_sq_norm, uphill)
   return SamplingState(
     gradient_sample_size=_round_up(g_target, gradient),
     curvature_sample_size=_round_up(c_target, curvature),

@@ -349,6 +349,50 @@ def test_an_insignificant_held_out_change_keeps_the_damping(significance, valida
   assert bool(state.info.rho_significant) == significant
 
 
+@pytest.mark.parametrize("validation", ["rising", "split", "falling"])
+def test_held_out_schedule_grows_the_sample_after_a_significant_rise(validation):
+  apply_fn, loss_fn, batch = _one_weight_problem()
+  # From w = 0 the step is d ~ 1: with held-out targets 0 every example's loss rises by
+  # d^2 / 2 (a significant rise), "split" as above (no significant change), targets 1 every
+  # loss falls by about 1/2.
+  targets = {
+    "rising": jnp.zeros(8),
+    "split": jnp.tile(jnp.array([1.0, 0.0]), 4),
+    "falling": jnp.ones(8),
+  }[validation]
+  tx = hfjax.hessian_free(
+    apply_fn,
+    loss_fn,
+    preconditioner="none",
+    initial_damping=1e-3,
+    gradient_schedule=hfjax.held_out_schedule(4, 64, factor=2.0),
+    curvature_schedule=hfjax.held_out_schedule(4, 64, factor=3.0),
+  )
+  w = jnp.zeros(1)
+  grads = jax.grad(lambda w: loss_fn(apply_fn(w, batch[0]), batch[1]))(w)
+  _, state = tx.update(grads, tx.init(w), w, batch=batch, validation_batch=(jnp.ones(8), targets))
+  grown = validation == "rising"
+  assert hfjax.sample_sizes(state) == ((8, 16) if grown else (4, 4))
+  assert bool(state.info.rho_significant) == (validation != "split")
+  assert (float(state.info.rho) < 0) == grown
+
+
+def test_held_out_schedule_needs_a_validation_batch_and_the_test():
+  apply_fn, loss_fn, batch = _one_weight_problem()
+  schedule = hfjax.held_out_schedule(4, 64)
+  with pytest.raises(ValueError, match="significance"):
+    hfjax.hessian_free(
+      apply_fn,
+      loss_fn,
+      gradient_schedule=schedule,
+      damping=hfjax.DampingConfig(significance=0.0),
+    )
+  tx = hfjax.hessian_free(apply_fn, loss_fn, preconditioner="none", curvature_schedule=schedule)
+  w = jnp.zeros(1)
+  with pytest.raises(ValueError, match="validation_batch"):
+    tx.update(jnp.ones(1), tx.init(w), w, batch=batch)
+
+
 @pytest.mark.parametrize("held_out", [False, True])
 def test_auto_ratio_is_martens_with_a_validation_batch_else_gradient(held_out):
   apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]

@@ -177,6 +177,25 @@ def test_schedules_drive_hessian_free_in_a_chain():
   assert used == [(16, 4), (32, 8), (32, 8)]
 
 
+def test_held_out_schedule_grows_only_on_uphill_steps():
+  schedule = hfjax.held_out_schedule(100, 1000, factor=1.5)
+  fixed = hfjax.fixed_schedule(5)
+  update = jax.jit(lambda state, up: sampling.sampling_update(state, schedule, fixed, uphill=up))
+  state = sampling.sampling_init(schedule, fixed)
+  ups = [False, True, False, True, True, False, True, True, True, True, False]
+  target = np.float32(100)
+  for up in ups:
+    state = update(state, jnp.asarray(up))
+    if up:
+      target = np.minimum(target * np.float32(1.5), np.float32(1000))
+    assert float(state.gradient_target) == target
+    assert int(state.gradient_sample_size) == _reference_round_up(target, 100, 1000, 2.0)
+    assert int(state.curvature_sample_size) == 5
+  assert int(state.gradient_sample_size) == 1000  # capped
+  with pytest.raises(ValueError, match="sample_sizes"):
+    schedule.grow(100.0)
+
+
 def test_variance_test_matches_numpy_byrd_test():
   """Byrd et al.: grow when ||Var_i g_i||_1 / |S| > theta^2 ||g_S||^2, to the rounded
   ||Var||_1 / (theta^2 ||g_S||^2); computed here from per-example gradients in NumPy."""
@@ -316,6 +335,9 @@ def test_batch_sampler_errors():
     lambda: hfjax.variance_test_schedule(10, 100, grid_ratio=0.5),
     lambda: hfjax.variance_test_schedule(10, 5),
     lambda: hfjax.fixed_schedule(0),
+    lambda: hfjax.held_out_schedule(10, 100, factor=1.0),
+    lambda: hfjax.held_out_schedule(10, 100, grid_ratio=1.0),
+    lambda: hfjax.held_out_schedule(10, 5),
   ],
 )
 def test_invalid_schedule_arguments_raise(make):
