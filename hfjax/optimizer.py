@@ -308,10 +308,13 @@ class _Options(NamedTuple):
         "gradient sample only (pass it as gradient_schedule)."
       )
     _positive_int("chunk_size", self.chunk_size)
-    if self.held_out_growth and not self.damping.significance > 0:
+    if self.held_out_growth and not (
+      self.damping.significance > 0 and self.damping.ratio != "gradient"
+    ):
       raise ValueError(
         "a held_out_schedule grows on the held-out significance test: it needs "
-        f"DampingConfig.significance > 0, got {self.damping.significance!r}."
+        "DampingConfig.significance > 0 and a held-out ratio ('auto' or 'martens'), got "
+        f"{self.damping}."
       )
 
   @property
