@@ -343,6 +343,11 @@ class _Batches(NamedTuple):
   gradient_size: int
   curvature_size: int
 
+  @property
+  def held_out(self) -> bool:
+    """Whether ``update`` got a validation batch of its own (static: object identity)."""
+    return self.validation is not self.curvature
+
 
 class _Problem(NamedTuple):
   """One outer step's inputs, checked and resolved.
@@ -390,11 +395,16 @@ def _resolve_batches(params, batch, curvature_batch, validation_batch) -> _Batch
   return _Batches(batch, curvature_batch, validation_batch, n_batch, n_curv)
 
 
+def _outputs_at(options: _Options, params: optax.Params, step: Any, data: Any) -> tuple[Any, Any]:
+  """``(apply_fn(params + step, inputs), targets)`` of ``data``."""
+  inputs, targets = curvature.split_batch(data)
+  moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
+  return options.apply_fn(moved, inputs), targets
+
+
 def _loss_at(options: _Options, params: optax.Params, dtype: jnp.dtype):
   def loss(step, data):
-    inputs, targets = curvature.split_batch(data)
-    moved = optax.apply_updates(params, optax.tree.cast_like(step, params))
-    return jnp.asarray(options.loss_fn(options.apply_fn(moved, inputs), targets), dtype)
+    return jnp.asarray(options.loss_fn(*_outputs_at(options, params, step, data)), dtype)
 
   return loss
 
@@ -698,9 +708,7 @@ def _reduction_ratio(f0: jax.Array, f1: jax.Array, model_value: jax.Array) -> ja
 def _example_losses(options, problem, step, data) -> tuple[jax.Array, jax.Array]:
   """The batch loss at ``params + step`` on ``data`` and each example's (``loss_fn`` on
   batches of one), from one forward pass."""
-  inputs, targets = curvature.split_batch(data)
-  moved = optax.apply_updates(problem.params, optax.tree.cast_like(step, problem.params))
-  outputs = options.apply_fn(moved, inputs)
+  outputs, targets = _outputs_at(options, problem.params, step, data)
   one = lambda tree: jax.tree.map(lambda x: x[None], tree)
   each = jax.vmap(lambda out, target: options.loss_fn(one(out), one(target)))(outputs, targets)
   dtype = problem.loss_before.dtype
@@ -733,15 +741,14 @@ def _step_ratio(
   batches = problem.batches
   config = options.damping
   rule = config.ratio
-  held_out = batches.validation is not batches.curvature
   if rule == "auto":
-    rule = "martens" if held_out else "gradient"
+    rule = "martens" if batches.held_out else "gradient"
   significant = jnp.array(True)
   if rule == "gradient":
     return _reduction_ratio(problem.loss_before, f1, chosen.model_value), significant, chosen
   f0 = problem.loss_before
   zero_step = optax.tree.zeros_like(chosen.direction)
-  if held_out and config.significance > 0:
+  if batches.held_out and config.significance > 0:
     f0, before = _example_losses(options, problem, zero_step, batches.validation)
     _, after = _example_losses(options, problem, chosen.direction, batches.validation)
     significant = _significant(config, before, after)
@@ -1032,7 +1039,7 @@ def hessian_free(
     # 1. Check the batches and resolve the step's problem. A non-finite gradient or loss
     #    zeroes the gradient, so the step is rejected with everything still finite.
     batches = _resolve_batches(params, batch, curvature_batch, validation_batch)
-    if options.held_out_growth and validation_batch is None:
+    if options.held_out_growth and not batches.held_out:
       raise ValueError(
         "a held_out_schedule needs a held-out validation_batch at every update: "
         "update(..., validation_batch=(inputs, targets))."
