@@ -247,7 +247,8 @@ class HessianFreeState(NamedTuple):
   Attributes:
     count: outer steps taken, int32.
     damping: the Levenberg-Marquardt :math:`\\lambda`.
-    warm_start: the last CG solution; the next solve starts from ``warm_start_decay`` times it.
+    warm_start: the last CG solution; the next solve starts from ``warm_start_decay`` times it
+      (with ``"adaptive"``, from the multiple of it that minimises the model).
     lbfgs: L-BFGS pairs from the previous solve (``lbfgs_pairs="previous"``), else ``None``.
     key: PRNG key (for the Jacobi preconditioner's Rademacher vectors).
     sampling: sample sizes for the next step (:class:`hfjax.SamplingState`); ``None`` when
@@ -282,7 +283,7 @@ class _Options(NamedTuple):
   damping: DampingConfig
   line_search: LineSearchConfig
   kfac: KFACConfig
-  warm_start_decay: float
+  warm_start_decay: float | Literal["adaptive"]
   num_recorded_iterates: int | None
   gradient_schedule: sampling.SampleSchedule
   curvature_schedule: sampling.SampleSchedule
@@ -298,8 +299,13 @@ class _Options(NamedTuple):
     _positive("initial_damping", self.initial_damping)
     if self.cg_tol < 0:
       raise ValueError(f"cg_tol must be >= 0, got {self.cg_tol!r}.")
-    if not 0 <= self.warm_start_decay <= 1:
-      raise ValueError(f"warm_start_decay must be in [0, 1], got {self.warm_start_decay!r}.")
+    adaptive = isinstance(self.warm_start_decay, str) and self.warm_start_decay == "adaptive"
+    if not adaptive and not (
+      isinstance(self.warm_start_decay, (int, float)) and 0 <= self.warm_start_decay <= 1
+    ):
+      raise ValueError(
+        f"warm_start_decay must be in [0, 1] or 'adaptive', got {self.warm_start_decay!r}."
+      )
     if self.num_recorded_iterates is not None:
       _positive_int("num_recorded_iterates", self.num_recorded_iterates)
     if self.curvature_schedule.kind == "variance":
@@ -601,7 +607,9 @@ def _build_preconditioner(options, problem, state) -> _Preconditioning:
 
 def _solve(options, problem, preconditioning, warm_start) -> CGResult:
   # A step whose gradient or loss is not finite solves for b = 0 from 0, so CG stops at once.
-  x0 = optax.tree.scale(jnp.where(problem.inputs_ok, options.warm_start_decay, 0.0), warm_start)
+  adaptive = options.warm_start_decay == "adaptive"
+  decay = 1.0 if adaptive else options.warm_start_decay
+  x0 = optax.tree.scale(jnp.where(problem.inputs_ok, decay, 0.0), warm_start)
   return cg(
     problem.damped_matvec,
     optax.tree.scale(-1.0, problem.grads),
@@ -612,6 +620,7 @@ def _solve(options, problem, preconditioning, warm_start) -> CGResult:
     update_preconditioner=preconditioning.update_within,
     initial_preconditioner=preconditioning.initial,
     num_recorded=options.num_recorded_iterates,
+    augment_x0=adaptive,
   )
 
 
@@ -915,7 +924,7 @@ def hessian_free(
   damping: DampingConfig | None = None,
   line_search: LineSearchConfig | None = None,
   kfac: KFACConfig | None = None,
-  warm_start_decay: float = 0.95,
+  warm_start_decay: float | Literal["adaptive"] = 0.95,
   num_recorded_iterates: int | None = None,
   gradient_schedule: sampling.SampleSchedule | None = None,
   curvature_schedule: sampling.SampleSchedule | None = None,
@@ -966,7 +975,12 @@ def hessian_free(
     line_search: the Armijo line search; ``None`` for the :class:`LineSearchConfig` defaults.
     kfac: the K-FAC preconditioner's refresh period, moving average and output loss;
       ``None`` for the :class:`KFACConfig` defaults.
-    warm_start_decay: the next CG starts from this times the last solution (0.95).
+    warm_start_decay: the next CG starts from this times the last solution (0.95), or
+      ``"adaptive"``: CG searches along the last solution as well (``hfjax.cg``'s
+      ``augment_x0``), starting from the multiple of it that minimises the damped model and
+      keeping every direction conjugate to it, so each iterate is the best combination of
+      the last solution and the Krylov space. With a few CG steps per minibatch this is
+      K-FAC's adaptive momentum (Martens & Grosse 2015) inside HF.
     num_recorded_iterates: CG iterates kept for backtracking; ``None`` keeps all
       :math:`\\lceil 1.3^j \\rceil` ones. Fewer saves memory on large models.
     gradient_schedule: sizes for the gradient batch (:func:`hfjax.geometric_schedule`,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hfjax._tree import as_accumulation, finite_or
+from hfjax._tree import all_finite, as_accumulation, finite_or
 from hfjax.preconditioners import (
   LBFGSState,
   flatten_memory,
@@ -221,6 +221,19 @@ class _Carry(NamedTuple):
   values: jax.Array  # phi at steps 0..max_steps, for the progress rule
   precond: Any  # the _Preconditioner's state
   recorded: _Recorded
+  search: Any  # _Search along x0 with augment_x0, else None
+
+
+class _Search(NamedTuple):
+  """The warm start :math:`u` that every direction is kept A-conjugate to (``augment_x0``)."""
+
+  u: Any
+  au: Any  # A u
+  inverse_uau: jax.Array  # 1 / u^T A u; 0 when u^T A u is not positive, which turns it off
+
+  def project(self, z: Any) -> Any:
+    """:math:`z - (z^\\top A u / u^\\top A u)\\, u`, A-conjugate to :math:`u`."""
+    return optax.tree.add_scale(z, -optax.tree.vdot(z, self.au) * self.inverse_uau, self.u)
 
 
 def _model_value(x: Any, b: Any, r: Any) -> jax.Array:
@@ -303,22 +316,40 @@ def _standard_beta(alpha, z, ap, rz, rz_old):
 _BETAS = {"flexible": _flexible_beta, "standard": _standard_beta}
 
 
-def _start(b, x0, apply_a, precond, residual_stop, max_steps, slots) -> _Carry:
+def _start(b, x0, apply_a, precond, residual_stop, max_steps, slots, augment_x0) -> _Carry:
   """The carry before the first step: :math:`x_0`, :math:`r_0 = b - A x_0`,
-  :math:`z_0 = M r_0`, and whether there is anything to do."""
+  :math:`z_0 = M r_0`, and whether there is anything to do.
+
+  With ``augment_x0`` the start is :math:`c\\, x_0` with :math:`c = b^\\top x_0 / x_0^\\top A
+  x_0`, the minimiser of :math:`\\phi` along :math:`x_0` (so :math:`r_0 \\perp x_0`), from the
+  same one matvec, and the first direction is :math:`z_0` made A-conjugate to :math:`x_0`."""
+  search = None
   if x0 is None:
     x, r = optax.tree.zeros_like(b), b
+  elif augment_x0:
+    u = optax.tree.cast_like(x0, b)
+    au = apply_a(u)
+    uau = optax.tree.vdot(u, au)
+    usable = jnp.isfinite(uau) & (uau > 0) & all_finite(au)
+    inverse_uau = jnp.where(usable, 1.0 / jnp.where(usable, uau, 1.0), 0.0)
+    scale = optax.tree.vdot(b, u) * inverse_uau
+    scale = jnp.where(jnp.isfinite(scale), scale, 0.0)
+    # An unusable u (zero, non-finite, or no curvature along it) starts from 0 without it.
+    u, au = optax.tree.where(usable, (u, au), optax.tree.zeros_like((u, au)))
+    search = _Search(u=u, au=au, inverse_uau=inverse_uau)
+    x, r = optax.tree.scale(scale, u), optax.tree.add_scale(b, -scale, au)
   else:
     x = optax.tree.cast_like(x0, b)
     r = optax.tree.sub(b, apply_a(x))
   precond_state, z = precond.init(r)
+  p = z if search is None else search.project(z)
   rz, residual_norm = optax.tree.vdot(r, z), jnp.sqrt(optax.tree.vdot(r, r))
   value = _model_value(x, b, r)
   dtype = jnp.result_type(*jax.tree.leaves(b))
   return _Carry(
     x=x,
     r=r,
-    p=z,
+    p=p,
     rz=rz,
     step=jnp.zeros((), jnp.int32),
     stop=_stop_reason(
@@ -335,6 +366,7 @@ def _start(b, x0, apply_a, precond, residual_stop, max_steps, slots) -> _Carry:
       values=jnp.full((slots,), jnp.inf, dtype),
       count=jnp.zeros((), jnp.int32),
     ),
+    search=search,
   )
 
 
@@ -388,6 +420,7 @@ def cg(
   initial_preconditioner: Callable[[Any], Any] | None = None,
   num_recorded: int | None = None,
   record_base: float = 1.3,
+  augment_x0: bool = False,
 ) -> CGResult:
   """Solves :math:`A x = b` for symmetric positive definite ``A`` by (flexible) PCG.
 
@@ -463,6 +496,15 @@ def cg(
     num_recorded: slots for recorded iterates; ``None`` keeps all of them. Fewer slots keep
       the newest ones (those backtracking looks at first) and save memory.
     record_base: the base of the recording schedule (1.3 in Martens 2010).
+    augment_x0: search along ``x0`` as well (augmented CG; Saad, Yeung, Erhel &
+      Guyomarc'h 2000): the solve starts from the multiple of ``x0`` that minimises
+      :math:`\\phi` along it, and every direction is kept A-conjugate to ``x0``, so each
+      iterate minimises :math:`\\phi` over :math:`\\operatorname{span}\\{x_0\\}` plus the
+      preconditioned Krylov space, whatever the scale of the warm start. One step of it is
+      K-FAC's adaptive momentum (Martens & Grosse 2015, section 7): the best combination
+      of the previous step and the preconditioned gradient. It costs no extra matvec, two
+      more vectors and one inner product per step. An ``x0`` of zero, or one along which
+      :math:`A` has no positive curvature, is dropped: the solve then starts from 0.
 
   Returns:
     A :class:`CGResult`.
@@ -500,7 +542,7 @@ def cg(
   record_mask, slots = _recording_plan(max_steps, record_base, num_recorded)
   residual_stop = _residual_stop(b, residual_tol, residual_floor)
 
-  carry = _start(b, x0, apply_a, precond, residual_stop, max_steps, slots)
+  carry = _start(b, x0, apply_a, precond, residual_stop, max_steps, slots, augment_x0)
 
   def step(c: _Carry) -> _Carry:
     ap = apply_a(c.p)
@@ -527,10 +569,11 @@ def cg(
       capped=i >= max_steps,
     )
     # A failed step is not taken: the iterate, residual and step count stay where they were.
+    p = optax.tree.add_scale(z, beta_k, c.p)
     new = _Carry(
       x=x,
       r=r,
-      p=optax.tree.add_scale(z, beta_k, c.p),
+      p=p if c.search is None else c.search.project(p),
       rz=rz,
       step=jnp.where(ok, i, c.step),
       stop=stop,
@@ -538,6 +581,7 @@ def cg(
       values=values,
       precond=precond_state,
       recorded=_record(c.recorded, x, i, value, ok & record_mask[i]),
+      search=c.search,
     )
     return optax.tree.cast_like(new, c)
 

@@ -195,6 +195,31 @@ def test_first_step_is_damped_newton_step():
   np.testing.assert_allclose(ravel_pytree(state.warm_start)[0], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_adaptive_warm_start_step_is_the_best_combination_of_last_solution_and_gradient():
+  """warm_start_decay="adaptive" with one CG step: the solution minimises the damped model
+  over span{u, r_0}, u the last solution and r_0 = -g - c (G + lambda I) u at the best c."""
+  x, y = _least_squares_data(seed=3, d=6)
+  damping = 0.1
+  tx, update, loss_and_grad = _optimizer(
+    "least_squares", preconditioner="none", max_cg_steps=1, warm_start_decay="adaptive"
+  )
+  params = {"b": jnp.asarray(0.3), "w": jnp.linspace(-1.0, 1.0, 6)}
+  last = {"b": jnp.asarray(-0.4), "w": jnp.asarray(np.random.default_rng(3).normal(size=6))}
+  _, grads = loss_and_grad(params, (x, y))
+  state = _with_damping(tx.init(params), damping)._replace(warm_start=last)
+  _, state = update(grads, state, params, batch=(x, y))
+
+  design = np.c_[np.ones(len(x)), x].astype(np.float64)  # ravel order: b, w
+  a = design.T @ design / len(x) + damping * np.eye(7)
+  g = np.asarray(ravel_pytree(grads)[0], np.float64)
+  u = np.asarray(ravel_pytree(last)[0], np.float64)
+  c = -(g @ u) / (u @ a @ u)
+  basis, _ = np.linalg.qr(np.column_stack([u, -g - c * a @ u]))
+  expected = basis @ np.linalg.solve(basis.T @ a @ basis, -basis.T @ g)
+  np.testing.assert_allclose(ravel_pytree(state.warm_start)[0], expected, rtol=1e-4, atol=1e-6)
+  assert int(state.info.cg_steps) == 1
+
+
 # CG backtracking
 
 
@@ -620,6 +645,7 @@ def test_chain_with_weight_decay():
     ("initial_damping", float("nan"), ValueError),
     ("warm_start_decay", 2.0, ValueError),
     ("warm_start_decay", -0.1, ValueError),
+    ("warm_start_decay", "momentum", ValueError),
     ("num_recorded_iterates", 0, ValueError),
     ("chunk_size", 0, ValueError),
     ("damping", {"increase": 1.5}, TypeError),

@@ -207,6 +207,79 @@ def test_zero_right_hand_side_returns_zero(x64):
   assert float(got.value) == 0.0
 
 
+# --- Searching along the warm start (augment_x0) -----------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("max_steps",))
+def augmented_cg(a, b, x0, m, *, max_steps):
+  return hfjax.cg(
+    lambda v: a @ v,
+    b,
+    x0=x0,
+    preconditioner=lambda r: m @ r,
+    max_steps=max_steps,
+    tol=0.0,
+    augment_x0=True,
+  )
+
+
+def subspace_minimiser(a, b, basis):
+  """The minimiser of ``phi`` over the span of ``basis``'s columns, by a dense solve."""
+  q, _ = np.linalg.qr(basis)
+  return q @ np.linalg.solve(q.T @ a @ q, q.T @ b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_augmented_iterates_minimise_phi_over_warm_start_plus_projected_krylov_space(x64, seed):
+  # With P = I - u (u^T A u)^-1 (A u)^T, the A-orthogonal projector off u, step k's iterate
+  # minimises phi over span{u} + K_k(P M A, P M r_0), r_0 = b - c A u.
+  rng = np.random.default_rng(seed)
+  n, steps = 9, 5
+  a, b, u = random_spd(n, 30.0, rng), rng.standard_normal(n), rng.standard_normal(n)
+  m = np.diag(rng.uniform(0.5, 2.0, n))
+  got = augmented_cg(*map(jnp.asarray, (a, b, u, m)), max_steps=steps)
+  assert int(got.num_steps) == steps
+  c = (b @ u) / (u @ a @ u)
+  projector = np.eye(n) - np.outer(u, a @ u) / (u @ a @ u)
+  krylov = [projector @ m @ (b - c * a @ u)]
+  for _ in range(steps - 1):
+    krylov.append(projector @ m @ a @ krylov[-1])
+  np.testing.assert_array_equal(got.iterate_steps[:steps], np.arange(1, steps + 1))
+  for k in range(1, steps + 1):
+    want = subspace_minimiser(a, b, np.column_stack([u, *krylov[:k]]))
+    np.testing.assert_allclose(got.iterates[k - 1], want, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got.iterate_values[k - 1], phi(a, b, want), rtol=1e-9)
+
+
+def test_augmented_search_does_not_depend_on_the_warm_starts_scale_or_sign(x64):
+  rng = np.random.default_rng(3)
+  a, b, u = random_spd(8, 20.0, rng), rng.standard_normal(8), rng.standard_normal(8)
+  m = np.eye(8)
+  runs = [augmented_cg(*map(jnp.asarray, (a, b, s * u, m)), max_steps=3) for s in (1.0, -7.0)]
+  np.testing.assert_allclose(runs[0].iterates, runs[1].iterates, rtol=1e-9, atol=1e-12)
+  # One step is the best combination of u and M r_0: K-FAC's adaptive momentum.
+  c = (b @ u) / (u @ a @ u)
+  want = subspace_minimiser(a, b, np.column_stack([u, b - c * a @ u]))
+  np.testing.assert_allclose(runs[0].iterates[0], want, rtol=1e-9)
+  # ... which is never worse than the plain warm-started step.
+  plain = dense_cg(jnp.asarray(a), jnp.asarray(b), jnp.asarray(u), max_steps=1)
+  assert float(runs[0].iterate_values[0]) <= float(plain.value) + 1e-12
+
+
+@pytest.mark.parametrize("u", ["zero", "nan", "no curvature"])
+def test_unusable_warm_start_is_dropped_and_the_solve_is_plain_cg_from_zero(x64, u):
+  rng = np.random.default_rng(4)
+  a, b = random_spd(6, 10.0, rng), rng.standard_normal(6)
+  if u == "no curvature":  # A is singular along e_0, and u = e_0.
+    a[0, :] = a[:, 0] = 0.0
+    b[0] = 0.0
+  x0 = {"zero": np.zeros(6), "nan": np.full(6, np.nan), "no curvature": np.eye(6)[0]}[u]
+  got = augmented_cg(*map(jnp.asarray, (a, b, x0, np.eye(6))), max_steps=4)
+  want = pcg_reference(a, b, 4)
+  np.testing.assert_allclose(got.iterates[:4], want[1:], rtol=1e-8, atol=1e-12)
+  assert np.all(np.isfinite(got.x))
+
+
 # --- Preconditioners ------------------------------------------------------------------------
 
 
