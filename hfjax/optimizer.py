@@ -299,8 +299,7 @@ class _Options(NamedTuple):
     _positive("initial_damping", self.initial_damping)
     if self.cg_tol < 0:
       raise ValueError(f"cg_tol must be >= 0, got {self.cg_tol!r}.")
-    adaptive = isinstance(self.warm_start_decay, str) and self.warm_start_decay == "adaptive"
-    if not adaptive and not (
+    if not self.adaptive_warm_start and not (
       isinstance(self.warm_start_decay, (int, float)) and 0 <= self.warm_start_decay <= 1
     ):
       raise ValueError(
@@ -322,6 +321,10 @@ class _Options(NamedTuple):
         "DampingConfig.significance > 0 and a held-out ratio ('auto' or 'martens'), got "
         f"{self.damping}."
       )
+
+  @property
+  def adaptive_warm_start(self) -> bool:
+    return isinstance(self.warm_start_decay, str) and self.warm_start_decay == "adaptive"
 
   @property
   def held_out_growth(self) -> bool:
@@ -607,8 +610,7 @@ def _build_preconditioner(options, problem, state) -> _Preconditioning:
 
 def _solve(options, problem, preconditioning, warm_start) -> CGResult:
   # A step whose gradient or loss is not finite solves for b = 0 from 0, so CG stops at once.
-  adaptive = options.warm_start_decay == "adaptive"
-  decay = 1.0 if adaptive else options.warm_start_decay
+  decay = 1.0 if options.adaptive_warm_start else options.warm_start_decay
   x0 = optax.tree.scale(jnp.where(problem.inputs_ok, decay, 0.0), warm_start)
   return cg(
     problem.damped_matvec,
@@ -620,7 +622,7 @@ def _solve(options, problem, preconditioning, warm_start) -> CGResult:
     update_preconditioner=preconditioning.update_within,
     initial_preconditioner=preconditioning.initial,
     num_recorded=options.num_recorded_iterates,
-    augment_x0=adaptive,
+    augment_x0=options.adaptive_warm_start,
   )
 
 
