@@ -955,40 +955,69 @@ def kfac_state_update(
   decay: float = 0.0,
   diagonal_exponent: float = 1.0,
   tikhonov: str = "factored",
+  invert: bool = True,
 ) -> KFACState:
   """Averages a fresh estimate into ``state`` and refreshes what its preconditioner needs.
 
   The factors become ``decay * old + (1 - decay) * new`` (``new`` alone for the first
   estimate, see :func:`kfac_update_factors`); a non-finite estimate leaves the state as it
-  was, so one bad batch never spoils the running factors. Then, with ``tikhonov="factored"``,
-  their inverses damped by ``damping``; with ``"exact"``, their eigendecompositions (the
-  damping enters only in :func:`kfac_state_preconditioner`, so it may change every step
-  while the factors are refreshed every few).
+  was, inverses included, so one bad batch never spoils the running factors. Then, unless
+  ``invert=False``, :func:`kfac_state_invert` refreshes the inverses from the averaged
+  factors.
   """
   _check_tikhonov(tikhonov)
   a_old, g_old = _gather(state.factors, layout)
   d_old = _gather_diagonal(state.diagonal, layout)
   old = KFACFactors(a_old, g_old, d_old, state.num_estimates)
   averaged = kfac_update_factors(old, new, decay)
-  factors = _scatter(state.factors, averaged.a_factors, averaged.g_factors, layout)
-  diagonal = _scatter_diagonal(state.diagonal, averaged.diagonal, layout)
+  updated = state._replace(
+    factors=_scatter(state.factors, averaged.a_factors, averaged.g_factors, layout),
+    diagonal=_scatter_diagonal(state.diagonal, averaged.diagonal, layout),
+    num_estimates=averaged.count,
+  )
+  if invert:
+    updated = kfac_state_invert(
+      updated, damping, layout, diagonal_exponent=diagonal_exponent, tikhonov=tikhonov
+    )
+  return optax.tree.where(all_finite(new), updated, state)
+
+
+def kfac_state_invert(
+  state: KFACState,
+  damping: float | jax.Array,
+  layout: layers_lib.LayerLayout,
+  *,
+  diagonal_exponent: float = 1.0,
+  tikhonov: str = "factored",
+) -> KFACState:
+  """``state`` with what its preconditioner needs rebuilt from its factors as they are.
+
+  With ``tikhonov="factored"``, their inverses damped by ``damping``; with ``"exact"``,
+  their eigendecompositions (the damping enters only in :func:`kfac_state_preconditioner`,
+  so it may change every step while the decompositions are refreshed every few). Separate
+  from :func:`kfac_state_update` so that the factors can be averaged every step and the
+  inverses, whose cost grows with the cube of the layer widths, refreshed every few.
+  """
+  _check_tikhonov(tikhonov)
+  a_blocks, g_blocks = _gather(state.factors, layout)
+  diagonal = _gather_diagonal(state.diagonal, layout)
+  factors = KFACFactors(a_blocks, g_blocks, diagonal, state.num_estimates)
   if tikhonov == "exact":
-    a_values, a_vectors, g_values, g_vectors = _eigenbases(averaged)
+    a_values, a_vectors, g_values, g_vectors = _eigenbases(factors)
     inverse_factors = _scatter(state.inverse_factors, a_vectors, g_vectors, layout)
     eigenvalues = _scatter(state.eigenvalues, a_values, g_values, layout)
-    diagonal_inverses = _diagonal_inverses(averaged.diagonal, damping, diagonal_exponent)
+    diagonal_inverses = _diagonal_inverses(diagonal, damping, diagonal_exponent)
   else:
-    inverse = kfac_inverse(averaged, damping, diagonal_exponent=diagonal_exponent)
+    inverse = kfac_inverse(factors, damping, diagonal_exponent=diagonal_exponent)
     inverse_factors = _scatter(
       state.inverse_factors, inverse.a_inverses, inverse.g_inverses, layout
     )
     eigenvalues = state.eigenvalues
     diagonal_inverses = inverse.diagonal_inverses
   inverse_diagonal = _scatter_diagonal(state.inverse_diagonal, diagonal_inverses, layout)
-  updated = KFACState(
-    factors, diagonal, inverse_factors, inverse_diagonal, eigenvalues, averaged.count
+  return state._replace(
+    inverse_factors=inverse_factors, inverse_diagonal=inverse_diagonal, eigenvalues=eigenvalues
   )
-  return optax.tree.where(all_finite(new), updated, state)
 
 
 def kfac_state_preconditioner(

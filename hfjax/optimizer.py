@@ -132,6 +132,11 @@ class KFACConfig(NamedTuple):
   Attributes:
     update_every: refresh the factors and their damped inverses every this many outer steps
       (each refresh uses the damping of its step); 1 rebuilds them for every solve.
+    inverse_every: refresh the inverses (``tikhonov="exact"``: the eigendecompositions) every
+      this many outer steps instead, from the factors as they stand, while the factors keep
+      to ``update_every``; ``None`` inverts at each refresh of the factors. An inverse costs
+      the cube of the layer widths whatever the batch (kfac-jax refreshes its inverses
+      every 5 steps and its factors every step).
     decay: weight of the old factors in their exponential moving average; 0 replaces them
       at each refresh.
     loss: the output loss whose curvature the sampled cotangents follow: ``"auto"`` probes
@@ -150,9 +155,12 @@ class KFACConfig(NamedTuple):
   loss: str = "auto"
   tikhonov: str = "factored"
   num_samples: int = 1
+  inverse_every: int | None = None
 
   def _check(self) -> None:
     _positive_int("kfac.update_every", self.update_every)
+    if self.inverse_every is not None:
+      _positive_int("kfac.inverse_every", self.inverse_every)
     if not 0 <= self.decay < 1:
       raise ValueError(f"kfac.decay must be in [0, 1), got {self.decay!r}.")
     _check_choice("kfac.loss", self.loss, ("auto", *kfac.LOSS_KINDS))
@@ -515,9 +523,12 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
   """Martens & Grosse's (2015) Kronecker factors of :math:`G`, sampled on the curvature
   batch and averaged into ``state.preconditioner`` every ``options.kfac.update_every``
   steps (always while it holds no estimate), with their inverses damped by this step's
-  :math:`\\lambda`."""
+  :math:`\\lambda` at each refresh, or every ``options.kfac.inverse_every`` steps."""
   inputs, _ = curvature.split_batch(problem.batches.curvature)
   layout = layers.find_dense_layers(options.apply_fn, problem.params, inputs)
+  config = options.kfac
+  separate = config.inverse_every is not None
+  invert_kwargs = {"layout": layout, "tikhonov": config.tikhonov}
 
   def refresh(running: kfac.KFACState) -> kfac.KFACState:
     new = kfac.kfac_factors(
@@ -527,24 +538,28 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
       problem.batches.curvature,
       problem.key,
       layout=layout,
-      loss=options.kfac.loss,
+      loss=config.loss,
       chunk_size=options.chunk_size,
-      num_samples=options.kfac.num_samples,
+      num_samples=config.num_samples,
     )
     return kfac.kfac_state_update(
-      running,
-      new,
-      problem.damping,
-      layout,
-      decay=options.kfac.decay,
-      tikhonov=options.kfac.tikhonov,
+      running, new, problem.damping, decay=config.decay, invert=not separate, **invert_kwargs
     )
 
-  running = state.preconditioner
-  if options.kfac.update_every == 1:
-    return refresh(running), layout
-  due = (state.count % options.kfac.update_every == 0) | (running.num_estimates == 0)
-  return jax.lax.cond(due, refresh, lambda r: r, running), layout
+  def invert(running: kfac.KFACState) -> kfac.KFACState:
+    return kfac.kfac_state_invert(running, problem.damping, **invert_kwargs)
+
+  def every(period: int, update, running: kfac.KFACState) -> kfac.KFACState:
+    if period == 1:
+      return update(running)
+    due = (state.count % period == 0) | first
+    return jax.lax.cond(due, update, lambda r: r, running)
+
+  first = state.preconditioner.num_estimates == 0
+  running = every(config.update_every, refresh, state.preconditioner)
+  if separate:
+    running = every(config.inverse_every, invert, running)
+  return running, layout
 
 
 def _kfac_state_preconditioner(options, problem, running, layout) -> Callable[[Any], Any]:

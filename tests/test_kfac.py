@@ -589,6 +589,19 @@ def test_state_preconditioner_matches_averaged_factors(tikhonov):
     got = kfac.kfac_state_preconditioner(state, layout, damping, tikhonov=tikhonov)
     tol = {"factored": (1e-5, 1e-6), "exact": (1e-4, 1e-5)}[tikhonov]
     chex.assert_trees_all_close(got(v), expected(v), rtol=tol[0], atol=tol[1])
+  # Averaged without inverting, then inverted later at another damping: the inverses wait
+  # for kfac_state_invert, which gives the preconditioner of the averaged factors.
+  lazy = kfac.kfac_state_init(params)
+  for new in (first, second):
+    lazy = kfac.kfac_state_update(
+      lazy, new, 0.3, layout, decay=0.8, tikhonov=tikhonov, invert=False
+    )
+  chex.assert_trees_all_equal(lazy.factors, state.factors)
+  chex.assert_trees_all_equal(lazy.inverse_factors, kfac.kfac_state_init(params).inverse_factors)
+  lazy = kfac.kfac_state_invert(lazy, 0.05, layout, tikhonov=tikhonov)
+  expected = kfac.kfac_preconditioner(averaged, 0.05, layout, tikhonov=tikhonov)
+  got = kfac.kfac_state_preconditioner(lazy, layout, 0.05, tikhonov=tikhonov)
+  chex.assert_trees_all_close(got(v), expected(v), rtol=tol[0], atol=tol[1])
 
 
 def test_several_samples_average_single_sample_estimates():

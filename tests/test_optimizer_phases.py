@@ -291,6 +291,61 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
   assert not np.array_equal(slots[2], slots[3])
 
 
+@pytest.mark.parametrize("preconditioner", ["kfac", "kfac+lbfgs"])
+def test_kfac_inverses_refresh_every_k_steps_while_factors_average_every_step(preconditioner):
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+
+  params = {
+    "w": jax.random.normal(jax.random.key(0), (3, 4)),
+    "b": jnp.zeros(4),
+    "v": jax.random.normal(jax.random.key(1), (4, 2)),
+  }
+  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  x = jax.random.normal(jax.random.key(2), (32, 3))
+  y = jax.random.normal(jax.random.key(3), (32, 2))
+  tx = hfjax.hessian_free(
+    apply_fn,
+    loss_fn,
+    preconditioner=preconditioner,
+    kfac=hfjax.KFACConfig(decay=0.5, inverse_every=3),
+    initial_damping=1.0,
+  )
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(x, y)))
+  counts, g_inverses = [], []
+  for k in range(7):
+    damping = float(state.damping)  # the damping step k inverts with
+    grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    running = state.preconditioner
+    counts.append(int(running.num_estimates))
+    g_inverses.append(np.asarray(running.inverse_factors[2][1])[:4, :4])  # G of layer "w"
+    if k % 3 == 0:
+      # Oracle: the factored-Tikhonov inverse of this step's averaged factors and damping.
+      a = np.asarray(running.factors[2][0], np.float64)  # 3 inputs + the bias coordinate
+      g = np.asarray(running.factors[2][1], np.float64)[:4, :4]
+      pi = np.sqrt((np.trace(a) / 4) / (np.trace(g) / 4))
+      expected = np.linalg.inv(g + np.sqrt(damping) / pi * np.eye(4))
+      np.testing.assert_allclose(g_inverses[-1], expected, rtol=2e-4, atol=1e-5)
+  # The factors take an estimate every step; the inverses change at steps 0, 3 and 6 only.
+  assert counts == [1, 2, 3, 4, 5, 6, 7]
+  for k in (1, 2, 4, 5):
+    np.testing.assert_array_equal(g_inverses[k], g_inverses[k - 1])
+  for k in (3, 6):
+    assert not np.allclose(g_inverses[k], g_inverses[k - 1])
+
+
+def test_kfac_inverse_every_must_be_a_positive_int():
+  with pytest.raises(ValueError, match="kfac.inverse_every"):
+    hfjax.hessian_free(
+      lambda w, x: x @ w,
+      lambda o, y: jnp.mean((o - y) ** 2),
+      kfac=hfjax.KFACConfig(inverse_every=0),
+    )
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_significance_is_a_one_sample_t_test_on_the_per_example_change(seed):
   rng = np.random.default_rng(seed)
