@@ -290,16 +290,21 @@ def test_hf_options_reach_hessian_free(monkeypatch):
     "optimizer.kfac.update_every": 3,
     "optimizer.kfac.decay": 0.5,
     "optimizer.kfac.loss": "softmax_cross_entropy",
+    "optimizer.kfac.inverse_every": 5,
     "optimizer.damping.ratio": "martens",
     "optimizer.damping.minimum": 1e-3,
+    "optimizer.adaptive_warm_start": True,
   }
   config = _config("digits_classifier", **overrides)
   task = task_lib.load_task(config)
   sampler = hfjax.BatchSampler((task.data.x_train, task.data.y_train), seed=0)
   optimizers.build_optimizer(config, task, sampler)
   assert seen["preconditioner"] == "kfac+lbfgs" and seen["lbfgs_pairs"] == "previous"
-  assert seen["kfac"] == hfjax.KFACConfig(update_every=3, decay=0.5, loss="softmax_cross_entropy")
+  assert seen["kfac"] == hfjax.KFACConfig(
+    update_every=3, decay=0.5, loss="softmax_cross_entropy", inverse_every=5
+  )
   assert seen["damping"] == hfjax.DampingConfig(ratio="martens", minimum=1e-3)
+  assert seen["warm_start_decay"] == "adaptive"
 
 
 def test_kfac_run_finds_its_layers_and_counts_its_refreshes(tmp_path):

@@ -93,11 +93,15 @@ def default_config() -> ml_collections.ConfigDict:
   opt.initial_damping = 45.0
   opt.cg_tol = 5e-4
   opt.num_recorded_iterates = 0  # CG iterates kept for backtracking; 0: all
+  opt.warm_start_decay = 0.95  # CG starts from this multiple of the last solution
+  opt.adaptive_warm_start = False  # True: warm_start_decay="adaptive" (best multiple, and CG
+  # directions conjugate to it: the stochastic regime with momentum in the README)
   # The library's own defaults, so the two never drift apart: the damping rule
   # (hfjax.DampingConfig; ratio "martens": rho on the curvature batch over the undamped model)
   # and K-FAC's refresh period, moving average and output loss (hfjax.KFACConfig).
   opt.damping = ml_collections.ConfigDict(hfjax.DampingConfig()._asdict())
   opt.kfac = ml_collections.ConfigDict(hfjax.KFACConfig()._asdict())
+  opt.kfac.inverse_every = ml_collections.config_dict.placeholder(int)  # None: with the factors
   opt.gradient_schedule = schedule_config()
   opt.curvature_schedule = schedule_config(start=200)
   # Optax peers.

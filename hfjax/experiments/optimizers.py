@@ -224,6 +224,7 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
     cg_tol=opt.cg_tol,
     initial_damping=opt.initial_damping,
     num_recorded_iterates=opt.num_recorded_iterates or None,
+    warm_start_decay="adaptive" if opt.adaptive_warm_start else opt.warm_start_decay,
     damping=hfjax.DampingConfig(**opt.damping),
     kfac=hfjax.KFACConfig(**opt.kfac),
     gradient_schedule=gradient,
