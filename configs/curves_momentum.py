@@ -12,11 +12,7 @@ from hfjax.experiments import config as config_lib
 
 
 def get_config():
-  config = config_lib.sibling_config(__file__, "default")
-  config.dataset.name = "curves"
-  config.dataset.num_train = 20000
-  config.dataset.num_test = 10000
-  config.model.kind = "autoencoder"
+  config = config_lib.sibling_config(__file__, "curves_autoencoder")  # its data
   config.model.encoder_sizes = (1000, 500, 250, 30)
   config.flatten_params = False  # K-FAC finds the dense layers among the parameter leaves
   opt = config.optimizer
