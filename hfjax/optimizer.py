@@ -549,13 +549,15 @@ def _kfac_running(options, problem, state) -> tuple[kfac.KFACState, layers.Layer
   def invert(running: kfac.KFACState) -> kfac.KFACState:
     return kfac.kfac_state_invert(running, problem.damping, **invert_kwargs)
 
+  first = state.preconditioner.num_estimates == 0
+
   def every(period: int, update, running: kfac.KFACState) -> kfac.KFACState:
+    """``update(running)`` every ``period`` steps, and while there is no estimate yet."""
     if period == 1:
       return update(running)
     due = (state.count % period == 0) | first
     return jax.lax.cond(due, update, lambda r: r, running)
 
-  first = state.preconditioner.num_estimates == 0
   running = every(config.update_every, refresh, state.preconditioner)
   if separate:
     running = every(config.inverse_every, invert, running)
