@@ -244,11 +244,10 @@ def test_state_slots_of_each_preconditioner(preconditioner, lbfgs_pairs):
     assert state.preconditioner is None
 
 
-@pytest.mark.parametrize(
-  "preconditioner, tikhonov",
-  [("kfac", "factored"), ("kfac+lbfgs", "factored"), ("kfac", "exact"), ("kfac+lbfgs", "exact")],
-)
-def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
+def _kfac_steps(preconditioner: str, kfac_config: hfjax.KFACConfig, num_steps: int):
+  """Runs HF with K-FAC on ``tanh(x w + b) v`` with squared error (leaf 2, ``w``, is the
+  first layer's kernel); yields, per step, the damping it started from and the new state."""
+
   def apply_fn(p, x):
     return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
 
@@ -261,24 +260,29 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
   x = jax.random.normal(jax.random.key(2), (32, 3))
   y = jax.random.normal(jax.random.key(3), (32, 2))
   tx = hfjax.hessian_free(
-    apply_fn,
-    loss_fn,
-    preconditioner=preconditioner,
-    kfac=hfjax.KFACConfig(update_every=3, decay=0.5, tikhonov=tikhonov),
-    initial_damping=1.0,
+    apply_fn, loss_fn, preconditioner=preconditioner, kfac=kfac_config, initial_damping=1.0
   )
   state = tx.init(params)
-  step = jax.jit(
-    lambda g, s, p: tx.update(g, s, p, batch=(x, y)),
-  )
-  counts, slots = [], []
-  for _ in range(7):
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(x, y)))
+  for _ in range(num_steps):
+    damping = float(state.damping)
     grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
     updates, state = step(grads, state, params)
     params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+    yield damping, state
+
+
+@pytest.mark.parametrize(
+  "preconditioner, tikhonov",
+  [("kfac", "factored"), ("kfac+lbfgs", "factored"), ("kfac", "exact"), ("kfac+lbfgs", "exact")],
+)
+def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
+  config = hfjax.KFACConfig(update_every=3, decay=0.5, tikhonov=tikhonov)
+  counts, slots = [], []
+  for _, state in _kfac_steps(preconditioner, config, 7):
     counts.append(int(state.preconditioner.num_estimates))
     slots.append(np.asarray(state.preconditioner.factors[2][1]))  # G of the first layer
-    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
   # Refreshed at steps 0, 3 and 6 only; between refreshes the factors stay put.
   assert counts == [1, 1, 1, 2, 2, 2, 3]
   if tikhonov == "exact":  # the state holds the eigendecomposition of the averaged G
@@ -293,32 +297,9 @@ def test_kfac_factors_refresh_every_k_steps(preconditioner, tikhonov):
 
 @pytest.mark.parametrize("preconditioner", ["kfac", "kfac+lbfgs"])
 def test_kfac_inverses_refresh_every_k_steps_while_factors_average_every_step(preconditioner):
-  def apply_fn(p, x):
-    return jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
-
-  params = {
-    "w": jax.random.normal(jax.random.key(0), (3, 4)),
-    "b": jnp.zeros(4),
-    "v": jax.random.normal(jax.random.key(1), (4, 2)),
-  }
-  loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
-  x = jax.random.normal(jax.random.key(2), (32, 3))
-  y = jax.random.normal(jax.random.key(3), (32, 2))
-  tx = hfjax.hessian_free(
-    apply_fn,
-    loss_fn,
-    preconditioner=preconditioner,
-    kfac=hfjax.KFACConfig(decay=0.5, inverse_every=3),
-    initial_damping=1.0,
-  )
-  state = tx.init(params)
-  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(x, y)))
+  config = hfjax.KFACConfig(decay=0.5, inverse_every=3)
   counts, g_inverses = [], []
-  for k in range(7):
-    damping = float(state.damping)  # the damping step k inverts with
-    grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
-    updates, state = step(grads, state, params)
-    params = optax.apply_updates(params, updates)
+  for k, (damping, state) in enumerate(_kfac_steps(preconditioner, config, 7)):
     running = state.preconditioner
     counts.append(int(running.num_estimates))
     g_inverses.append(np.asarray(running.inverse_factors[2][1])[:4, :4])  # G of layer "w"
