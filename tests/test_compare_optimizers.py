@@ -12,10 +12,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import hfjax
 from benchmarks import compare_optimizers as compare
+from hfjax.experiments import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"num_train": 64, "data_seed": 0, "eval_size": 32, "seed": 0, "encoder": (8, 3)}
@@ -115,6 +117,30 @@ def test_hf_options_merge_flags_json_and_configs():
     compare.hf_options('{"max_cg_steps": 5}', max_cg_steps=10)
   with pytest.raises(ValueError, match="JSON object"):
     compare.hf_options("[1]")
+
+
+def test_hf_step_passes_an_equal_curvature_batch_once(problem):
+  """A curvature batch of the gradient batch's size is the same examples: the step equals
+  one given both batches explicitly, with one loss evaluation less (backtracking's loss at
+  the chosen iterate is the gradient-batch loss)."""
+  tx = hfjax.hessian_free(
+    problem.apply_fn, models.sigmoid_cross_entropy, max_cg_steps=3, initial_damping=1.0
+  )
+  params = problem.params
+  state = tx.init(params)
+  indices = jnp.arange(16)
+  new_params, new_state = jax.jit(compare.hf_step(problem, tx))(params, state, indices, indices)
+
+  images = problem.train[indices]
+  loss, grads = jax.value_and_grad(compare.batch_loss(problem))(params, images)
+  updates, explicit_state = tx.update(
+    grads, state, params, batch=(images, images), curvature_batch=(images, images), loss=loss
+  )
+  expected = optax.apply_updates(params, updates)
+  for got, want in zip(jax.tree.leaves(new_params), jax.tree.leaves(expected), strict=True):
+    assert jnp.allclose(got, want, rtol=1e-4, atol=1e-5)
+  evaluations = lambda s: int(optax.tree.get(s, "backtracking_evaluations"))
+  assert evaluations(new_state) == evaluations(explicit_state) - 1
 
 
 @pytest.mark.slow
