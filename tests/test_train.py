@@ -10,6 +10,8 @@ import sys
 import warnings
 
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 import hfjax
@@ -305,6 +307,48 @@ def test_hf_options_reach_hessian_free(monkeypatch):
   )
   assert seen["damping"] == hfjax.DampingConfig(ratio="martens", minimum=1e-3)
   assert seen["warm_start_decay"] == "adaptive"
+
+
+def test_equal_samples_pass_the_curvature_batch_once(monkeypatch):
+  """With equal gradient and curvature samples the trainer passes one batch: the step equals
+  ``update`` given both batches explicitly, with one loss evaluation less."""
+  made, hessian_free = [], hfjax.hessian_free
+
+  def spy(*args, **kwargs):
+    made.append((args, kwargs))
+    return hessian_free(*args, **kwargs)
+
+  monkeypatch.setattr(optimizers.hfjax, "hessian_free", spy)
+  size = 300
+  config = _config(
+    "digits_classifier",
+    **{
+      "optimizer.gradient_schedule.start": size,
+      "optimizer.curvature_schedule.start": size,
+      "optimizer.max_cg_steps": 5,
+    },
+  )
+  task = task_lib.load_task(config)
+  data = (task.data.x_train, task.data.y_train)
+  optimizer = optimizers.build_optimizer(config, task, hfjax.BatchSampler(data, seed=0))
+  optimizer.sync(optimizer.state)
+  params, state, _ = optimizer.run(task.params, optimizer.state, lambda tree: tree)
+
+  args, kwargs = made[0]
+  tx = hessian_free(*args, **kwargs)
+  batch, curvature_batch = hfjax.BatchSampler(data, seed=0).sample_pair(size, size)
+  loss, grads = jax.value_and_grad(optimizers.batch_loss(task))(task.params, batch)
+
+  @jax.jit
+  def explicit(params, state):
+    return tx.update(grads, state, params, batch=batch, curvature_batch=curvature_batch, loss=loss)
+
+  updates, explicit_state = explicit(task.params, optimizer.state)
+  expected = optax.apply_updates(task.params, updates)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+    assert jnp.allclose(got, want, rtol=1e-4, atol=1e-5)
+  evaluations = lambda s: int(optax.tree.get(s, "backtracking_evaluations"))
+  assert evaluations(state) == evaluations(explicit_state) - 1
 
 
 def test_kfac_run_finds_its_layers_and_counts_its_refreshes(tmp_path):

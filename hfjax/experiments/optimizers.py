@@ -182,10 +182,12 @@ def _hf_examples(
 ) -> int:
   """Example-passes of one HF step, from its diagnostics (see :mod:`hfjax.experiments.train`).
 
-  The trainer passes a curvature batch and no validation batch, so CG backtracking walks the
-  recorded iterates on the curvature sample and then evaluates the chosen one on the
-  gradient sample (``backtracking_evaluations`` counts both, and the loss at the incoming
-  parameters on the curvature sample that ``damping.ratio="martens"`` adds); the line
+  The trainer passes no validation batch, so CG backtracking walks the recorded iterates on
+  the curvature sample and then evaluates the chosen one on the gradient sample
+  (``backtracking_evaluations`` counts both, and the loss at the incoming parameters on the
+  curvature sample that ``damping.ratio="martens"`` adds). When the two samples are one batch
+  (passed once) the walk's loss is the chosen one's and is counted once, which the formula
+  below gives too, as the two sizes are then equal; the line
   search's further trials are on the gradient sample too. ``built``: whether the
   preconditioner's passes were spent this step (K-FAC refreshes every ``kfac.update_every``
   steps).
@@ -248,7 +250,13 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
 
   def run(params, state, place):
     built = host.count % build_every == 0
-    batch, curvature_batch = place(sampler.sample_pair(*host.sizes(state)))
+    gradient_size, curvature_size = host.sizes(state)
+    batch, curvature_batch = sampler.sample_pair(gradient_size, curvature_size)
+    # The curvature batch is the first examples of the gradient batch: of the same size it is
+    # that batch, passed once so that CG backtracking's loss at the chosen iterate is also the
+    # step's gradient-batch loss (one forward pass less).
+    same = curvature_size == gradient_size
+    batch, curvature_batch = place(batch), None if same else place(curvature_batch)
     params, state = compiled(params, state, batch, curvature_batch)
     host.advance()
 
