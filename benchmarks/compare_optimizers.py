@@ -361,11 +361,13 @@ def hf_step(problem: Problem, tx: optax.GradientTransformation) -> Callable[...,
   def step(params, state, indices, curvature_indices, *validation):
     images = problem.train[indices]
     # A curvature batch as large as the gradient batch is the same examples
-    # (BatchSampler.sample_pair): pass it once, as a user would, so that CG backtracking's
-    # loss at the chosen iterate is also the step's loss on the gradient batch (one forward
-    # pass less per step).
-    same = curvature_indices.shape == indices.shape
-    curvature_images = images if same else problem.train[curvature_indices]
+    # (BatchSampler.sample_pair): it is not passed, as a user would not, so that CG
+    # backtracking's loss at the chosen iterate is also the step's loss on the gradient batch
+    # (one forward pass less per step).
+    curvature_batch = None
+    if curvature_indices.shape != indices.shape:
+      curvature_images = problem.train[curvature_indices]
+      curvature_batch = (curvature_images, curvature_images)
     loss, grads = value_and_grad(params, images)
     held_out = {}
     if validation:
@@ -376,7 +378,7 @@ def hf_step(problem: Problem, tx: optax.GradientTransformation) -> Callable[...,
       state,
       params,
       batch=(images, images),
-      curvature_batch=None if same else (curvature_images, curvature_images),
+      curvature_batch=curvature_batch,
       loss=loss,
       **held_out,
     )
