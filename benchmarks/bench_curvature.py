@@ -7,7 +7,9 @@ mirrored) with a batch of random [0, 1] inputs it times, in interleaved rounds:
   ``lax.fori_loop``;
 * one jitted ``(params, batch, v) -> G v`` (linearise, then one product) and ``k`` products
   over one linearisation in a ``lax.fori_loop`` (what CG pays per step);
-* the same for :func:`hfjax.hessian_matvec`.
+* the same for :func:`hfjax.hessian_matvec`;
+* the loops of Gauss-Newton products again with their matrix-product operands rounded to
+  bfloat16 (``hessian_free(..., curvature_matmul_dtype=jnp.bfloat16)``).
 
 The per-product cost is the slope ``(T(k) - T(1)) / (k - 1)`` of the loops, which removes the
 one-off linearisation; the linearisation is ``T(linearise + 1 product) - slope``. Every ratio
@@ -18,6 +20,7 @@ denominator alike) and the median over rounds is printed with its range.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
@@ -50,6 +53,11 @@ def main(argv: list[str]) -> None:
     "gn_loop_1": lambda: gn_1(params, batch, v),
     f"gn_loop_{k}": lambda: gn_k(params, batch, v),
   }
+  bf_1, bf_k = (common.matvec_loop(n, matmul_dtype=jnp.bfloat16) for n in (1, k))
+  fns |= {
+    "bf16_loop_1": lambda: bf_1(params, batch, v),
+    f"bf16_loop_{k}": lambda: bf_k(params, batch, v),
+  }
   if not no_hessian:
     h_once = jax.jit(lambda p, b, u: common.hessian_matvec(p, b)(u))
     h_1, h_k = common.matvec_loop(1, exact_hessian=True), common.matvec_loop(k, exact_hessian=True)
@@ -79,6 +87,8 @@ def main(argv: list[str]) -> None:
         f"{prefix}_linearise": t[f"{prefix}_once"] - step,
         f"{prefix}_loop": t[f"{prefix}_loop_{k}"],
       }
+    costs["bf16_step"] = (t[f"bf16_loop_{k}"] - t["bf16_loop_1"]) / (k - 1)
+    costs["bf16_loop"] = t[f"bf16_loop_{k}"]
     return costs
 
   rounds = [per_round({n: ts[r] for n, ts in samples.items()}) for r in range(repeats)]
@@ -90,6 +100,8 @@ def main(argv: list[str]) -> None:
     (f"GN loop of {k} / gradient loop of {k} (linearisation amortised)", "gn_loop", "grad_loop"),
     ("GN linearise + 1 matvec (one jit) / one jitted gradient", "gn_once", "grad"),
     ("GN one-off linearisation (once - slope) / one jitted gradient", "gn_linearise", "grad"),
+    ("GN per product, bfloat16 operands / float32 (slopes)", "bf16_step", "gn_step"),
+    (f"GN loop of {k}, bfloat16 operands / float32", "bf16_loop", "gn_loop"),
   ]
   if not no_hessian:
     rows += [

@@ -31,6 +31,7 @@ import optax
 from absl import flags
 
 import hfjax
+from hfjax import precision
 from hfjax.experiments import models
 from hfjax.experiments.cli import check_argv as check_argv
 
@@ -94,17 +95,23 @@ def _normalised(v: Any) -> Any:
   return optax.tree.scale(1.0 / optax.tree.norm(v), v)
 
 
-def matvec_loop(num_matvecs: int, *, exact_hessian: bool = False, damping: float = 0.0):
+def matvec_loop(
+  num_matvecs: int, *, exact_hessian: bool = False, damping: float = 0.0, matmul_dtype=None
+):
   """A jitted ``(params, batch, v) -> v_k``: one linearisation, then ``num_matvecs`` products.
 
   Each product is applied to the normalised previous one (a power iteration), so no product
   is loop-invariant and XLA cannot hoist it; the normalisation costs two cheap vector passes.
+  ``matmul_dtype`` rounds the products' matrix-product operands as ``hessian_free``'s
+  ``curvature_matmul_dtype`` does.
   """
   build = hessian_matvec if exact_hessian else gn_matvec
 
   @jax.jit
   def run(params, batch, v):
     matvec = build(params, batch)
+    if matmul_dtype is not None:
+      matvec = precision.reduced_precision_dots(matvec, matmul_dtype)
 
     def body(_, u):
       return _normalised(optax.tree.add_scale(matvec(u), damping, u))

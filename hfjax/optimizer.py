@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hfjax import curvature, kfac, layers, sampling
+from hfjax import curvature, kfac, layers, precision, sampling
 from hfjax._tree import all_finite, as_accumulation, finite_or
 from hfjax.preconditioners import LBFGSState, diagonal_preconditioner, lbfgs_init
 from hfjax.solvers import CGResult, CGStopReason, cg
@@ -168,6 +168,17 @@ class KFACConfig(NamedTuple):
     _positive_int("kfac.num_samples", self.num_samples)
 
 
+def _dtype(value: Any) -> jnp.dtype:
+  """``value`` (a dtype or its name) as a dtype, with a clear error if it is not one."""
+  try:
+    return jnp.dtype(value)
+  except TypeError as error:
+    raise ValueError(
+      f"curvature_matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
+      f"{value!r}."
+    ) from error
+
+
 def _config(name: str, value: Any, kind: type) -> Any:
   """``value`` checked as a ``kind``; ``None`` gives ``kind``'s defaults."""
   if value is None:
@@ -298,6 +309,7 @@ class _Options(NamedTuple):
   tracked: bool  # whether a schedule was given, so the state tracks sample sizes
   chunk_size: int
   seed: int
+  curvature_matmul_dtype: Any
 
   def _check(self) -> None:
     _check_choice("preconditioner", self.preconditioner, tuple(_PRECONDITIONERS))
@@ -321,6 +333,13 @@ class _Options(NamedTuple):
         "gradient sample only (pass it as gradient_schedule)."
       )
     _positive_int("chunk_size", self.chunk_size)
+    if self.curvature_matmul_dtype is not None and not jnp.issubdtype(
+      self.curvature_matmul_dtype, jnp.floating
+    ):
+      raise ValueError(
+        "curvature_matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
+        f"{self.curvature_matmul_dtype!r}."
+      )
     if self.held_out_growth and not (
       self.damping.significance > 0 and self.damping.ratio != "gradient"
     ):
@@ -451,6 +470,8 @@ def _resolve(options, batches, updates, params, loss, damping, key) -> _Problem:
   f0 = loss_at(zero_step, batches.gradient) if loss is None else jnp.asarray(loss, dtype)
   inputs_ok = all_finite(grads) & jnp.isfinite(f0)
   grads = optax.tree.where(inputs_ok, grads, zero_step)
+  if options.curvature_matmul_dtype is not None:
+    gn_matvec = precision.reduced_precision_dots(gn_matvec, options.curvature_matmul_dtype)
   damped_matvec = _damped(gn_matvec, params, damping)
   return _Problem(params, grads, batches, loss_at, f0, inputs_ok, damped_matvec, damping, key)
 
@@ -949,6 +970,7 @@ def hessian_free(
   curvature_schedule: sampling.SampleSchedule | None = None,
   chunk_size: int = 256,
   seed: int = 0,
+  curvature_matmul_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Hessian-free optimization (truncated Gauss-Newton) as an Optax transformation.
 
@@ -1009,6 +1031,13 @@ def hessian_free(
     chunk_size: examples per chunk for per-example statistics (Martens' diagonal, the
       variance test).
     seed: seed of the Jacobi estimator's random vectors.
+    curvature_matmul_dtype: ``None``, or a narrower floating dtype (``jnp.bfloat16``, or
+      its name) to which the operands of the matrix products inside every Gauss-Newton
+      product are rounded, accumulating in the parameters' dtype
+      (:func:`hfjax.precision.reduced_precision_dots`). CG's vectors, the gradient, the
+      losses and :math:`\rho` stay in full precision, so only the curvature model, already
+      a one-batch estimate, carries the round-off. Where the hardware multiplies bfloat16
+      natively a product costs much less (see ``benchmarks/RESULTS.md``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
@@ -1054,6 +1083,9 @@ def hessian_free(
     tracked=gradient_schedule is not None or curvature_schedule is not None,
     chunk_size=chunk_size,
     seed=seed,
+    curvature_matmul_dtype=None
+    if curvature_matmul_dtype is None
+    else _dtype(curvature_matmul_dtype),
   )
   options._check()
 

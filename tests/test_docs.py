@@ -9,7 +9,13 @@ import pytest
 import hfjax
 
 # Modules whose public functions carry examples: a doctest run that finds none is a failure.
-WITH_EXAMPLES = ("hfjax.curvature", "hfjax.optimizer", "hfjax.sampling", "hfjax.solvers")
+WITH_EXAMPLES = (
+  "hfjax.curvature",
+  "hfjax.optimizer",
+  "hfjax.precision",
+  "hfjax.sampling",
+  "hfjax.solvers",
+)
 MODULES = sorted(
   info.name for info in pkgutil.walk_packages(hfjax.__path__, prefix=f"{hfjax.__name__}.")
 )

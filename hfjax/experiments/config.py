@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   opt.initial_damping = 45.0
   opt.cg_tol = 5e-4
   opt.num_recorded_iterates = 0  # CG iterates kept for backtracking; 0: all
+  # Operands of the Gauss-Newton products' matrix products rounded to this dtype ("bfloat16");
+  # "" for full precision.
+  opt.curvature_matmul_dtype = ""
   opt.warm_start_decay = 0.95  # CG starts from this multiple of the last solution
   opt.adaptive_warm_start = False  # True: warm_start_decay="adaptive" (best multiple, and CG
   # directions conjugate to it: the stochastic regime with momentum in the README)

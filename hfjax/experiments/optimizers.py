@@ -232,6 +232,7 @@ def _hessian_free(config: ml_collections.ConfigDict, task: Task, sampler: hfjax.
     gradient_schedule=gradient,
     curvature_schedule=curvature,
     seed=config.seed,
+    curvature_matmul_dtype=opt.curvature_matmul_dtype or None,
   )
   loss = batch_loss(task)
 
