@@ -29,6 +29,11 @@ def get_config():
   # training, and one seed in three stalled 2% above the others; 1e-5 costs 0.1-0.2% on the
   # two others (benchmarks/RESULTS.md, session 6).
   opt.damping.minimum = 1e-5
+  # The Gauss-Newton products' matrix products on bfloat16 operands (float32 accumulation):
+  # each costs 0.68 of a float32 one on this CPU (AVX512-BF16), for 1.2x the steps in 150 s
+  # and the same loss per step (benchmarks/RESULTS.md, session 7). On hardware without native
+  # bfloat16 products, check with benchmarks.bench_curvature first.
+  opt.curvature_matmul_dtype = "bfloat16"
   # Gradient and curvature on the same fresh minibatch; rho on it too (no held-out batch).
   opt.gradient_schedule = config_lib.schedule_config("fixed", 2000)
   opt.curvature_schedule = config_lib.schedule_config("fixed", 2000)

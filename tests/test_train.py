@@ -200,6 +200,7 @@ def _flat_keys(tree: dict, prefix: str = ""):
     ({"optimizer.kfac.decay": 1.0}, "kfac.decay must be in"),
     ({"optimizer.damping.ratio": "curvature"}, "unknown damping.ratio 'curvature'"),
     ({"model.kind": "autoencoder"}, "has labels"),
+    ({"optimizer.curvature_matmul_dtype": "int8"}, "curvature_matmul_dtype must be None or a"),
   ],
 )
 def test_bad_config_values_raise_value_errors(tmp_path, overrides, message):
@@ -296,6 +297,7 @@ def test_hf_options_reach_hessian_free(monkeypatch):
     "optimizer.damping.ratio": "martens",
     "optimizer.damping.minimum": 1e-3,
     "optimizer.adaptive_warm_start": True,
+    "optimizer.curvature_matmul_dtype": "bfloat16",
   }
   config = _config("digits_classifier", **overrides)
   task = task_lib.load_task(config)
@@ -307,6 +309,7 @@ def test_hf_options_reach_hessian_free(monkeypatch):
   )
   assert seen["damping"] == hfjax.DampingConfig(ratio="martens", minimum=1e-3)
   assert seen["warm_start_decay"] == "adaptive"
+  assert seen["curvature_matmul_dtype"] == "bfloat16"
 
 
 def test_equal_samples_pass_the_curvature_batch_once(monkeypatch):
