@@ -168,15 +168,21 @@ class KFACConfig(NamedTuple):
     _positive_int("kfac.num_samples", self.num_samples)
 
 
-def _dtype(value: Any) -> jnp.dtype:
-  """``value`` (a dtype or its name) as a dtype, with a clear error if it is not one."""
+def _matmul_dtype(value: Any) -> jnp.dtype | None:
+  """``curvature_matmul_dtype`` (``None``, a dtype or its name) as a floating dtype or
+  ``None``, with a clear error for anything else."""
+  if value is None:
+    return None
   try:
-    return jnp.dtype(value)
-  except TypeError as error:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f"curvature_matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
       f"{value!r}."
-    ) from error
+    )
+  return dtype
 
 
 def _config(name: str, value: Any, kind: type) -> Any:
@@ -333,13 +339,6 @@ class _Options(NamedTuple):
         "gradient sample only (pass it as gradient_schedule)."
       )
     _positive_int("chunk_size", self.chunk_size)
-    if self.curvature_matmul_dtype is not None and not jnp.issubdtype(
-      self.curvature_matmul_dtype, jnp.floating
-    ):
-      raise ValueError(
-        "curvature_matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
-        f"{self.curvature_matmul_dtype!r}."
-      )
     if self.held_out_growth and not (
       self.damping.significance > 0 and self.damping.ratio != "gradient"
     ):
@@ -1033,11 +1032,11 @@ def hessian_free(
     seed: seed of the Jacobi estimator's random vectors.
     curvature_matmul_dtype: ``None``, or a narrower floating dtype (``jnp.bfloat16``, or
       its name) to which the operands of the matrix products inside every Gauss-Newton
-      product are rounded, accumulating in the parameters' dtype
-      (:func:`hfjax.precision.reduced_precision_dots`). CG's vectors, the gradient, the
-      losses and :math:`\rho` stay in full precision, so only the curvature model, already
-      a one-batch estimate, carries the round-off. Where the hardware multiplies bfloat16
-      natively a product costs much less (see ``benchmarks/RESULTS.md``).
+      product are rounded, accumulating in the products' own dtype (float32 for a float32
+      model; :func:`hfjax.precision.reduced_precision_dots`). CG's vectors, the gradient,
+      the losses and :math:`\\rho` stay in full precision, so only the curvature model,
+      already a one-batch estimate, carries the round-off. Where the hardware multiplies
+      bfloat16 natively a product costs much less (see ``benchmarks/RESULTS.md``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
@@ -1083,9 +1082,7 @@ def hessian_free(
     tracked=gradient_schedule is not None or curvature_schedule is not None,
     chunk_size=chunk_size,
     seed=seed,
-    curvature_matmul_dtype=None
-    if curvature_matmul_dtype is None
-    else _dtype(curvature_matmul_dtype),
+    curvature_matmul_dtype=_matmul_dtype(curvature_matmul_dtype),
   )
   options._check()
 

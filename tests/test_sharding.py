@@ -140,7 +140,8 @@ def collective_report(hlo: str, cg_marker: str) -> dict:
 # The subprocess
 
 
-def _worker(preconditioner: str) -> dict:
+def _worker(variant: str) -> dict:
+  """``variant``: a preconditioner, optionally with ``:dtype`` for ``curvature_matmul_dtype``."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -168,9 +169,15 @@ def _worker(preconditioner: str) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(params))
   inputs = jax.random.normal(k3, (STEPS, BATCH, SIZES[0]))
   batches = [(x, jnp.sin(x[:, : SIZES[2]])) for x in inputs]
+  preconditioner, _, matmul_dtype = variant.partition(":")
   # chunk_size < BATCH: Martens' per-example sum runs over several chunks of the batch.
   tx = hfjax.hessian_free(
-    apply_fn, loss_fn, preconditioner=preconditioner, max_cg_steps=MAX_CG_STEPS, chunk_size=16
+    apply_fn,
+    loss_fn,
+    preconditioner=preconditioner,
+    max_cg_steps=MAX_CG_STEPS,
+    chunk_size=16,
+    curvature_matmul_dtype=matmul_dtype or None,
   )
 
   def step(params, state, batch):
@@ -225,6 +232,7 @@ def _worker(preconditioner: str) -> dict:
     x.sharding.is_fully_replicated for x in jax.tree.leaves(new_params)
   )
   results["hlo"] = collective_report(parallel.as_text(), f"f32[{MAX_CG_STEPS + 1}]")
+  results["bf16_arrays"] = "bf16[" in parallel.as_text()
 
   errors = {}
   for name, call in {
@@ -249,7 +257,7 @@ def _worker(preconditioner: str) -> dict:
     for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(whole), strict=True)
   )
 
-  if preconditioner == "lbfgs":
+  if variant == "lbfgs":
     # Data and model parallel: params, warm start and L-BFGS memory split over "model".
     mesh = sharding.make_mesh((4, 2), ("data", "model"))
     p_sh = sharding.param_sharding(params, mesh, shard_params=True)
@@ -301,9 +309,12 @@ def _check_matches_single_device(result: dict) -> None:
   assert result["max_diff"] <= 1e-5 * max(1.0, result["scale"]), result
 
 
-@pytest.mark.parametrize("preconditioner", ["lbfgs", "martens"])
+@pytest.mark.parametrize("preconditioner", ["lbfgs", "martens", "lbfgs:bfloat16"])
 def test_data_parallel_update_matches_one_device(preconditioner):
+  """``lbfgs:bfloat16``: Gauss-Newton products on bfloat16 operands shard the same way, with
+  no more communication (the rounding is per operand, the all-reduces stay float32)."""
   results = _run_worker(preconditioner)
+  assert results["bf16_arrays"] == preconditioner.endswith(":bfloat16")
   p = results["num_params"]
   data = results["data"]
   # Damping, CG steps and acceptance are discrete: equal step for step. Params to float
