@@ -35,10 +35,13 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
 
-# Call-like equations whose body is evaluated in place, so that the dots inside are reached.
-# Bodies with rules of their own (custom_jvp/custom_vjp, checkpoint) and control flow
-# (while, scan, cond) run as traced, their dots at full precision.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+from hfjax.layers import _call_body
+
+# Call-like equations whose body is evaluated in place (found as the layer matcher finds it),
+# so that the dots inside are reached. Bodies with rules of their own (custom_jvp/custom_vjp,
+# checkpoint) and control flow (while, scan, cond) run as traced, their dots at full
+# precision.
+_EVALUATED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
 
 def _rounds(operands: Sequence[Any], dtype: Any) -> bool:
@@ -68,11 +71,11 @@ def _evaluate(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
-    body = eqn.params.get(_CALLS.get(name, ""))
+    body = _call_body(eqn) if name in _EVALUATED_CALLS else None
     if name == "dot_general" and _rounds(invals, dtype):
       outvals = [_dot(eqn, *invals, dtype)]
-    elif isinstance(body, jex.core.ClosedJaxpr):
-      outvals = _evaluate(body.jaxpr, body.consts, invals, dtype)
+    elif body is not None:
+      outvals = _evaluate(*body, invals, dtype)
     else:
       with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
